@@ -1,0 +1,1 @@
+"""YAML presets (model sizes, later training stages and engine settings), installed as `lyra.configs`."""

@@ -1,0 +1,187 @@
+"""Lyra configuration: the Qwen2-VL backbone, the Whisper speech encoder and Lyra's own parts.
+
+`LyraConfig` is a transformers `PreTrainedConfig` so `save_pretrained`/`from_pretrained` work; the
+settings of Lyra's own components are frozen dataclasses (one comment per field, with units) that the
+config stores as plain dicts in `config.json` and hands back typed through properties.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig, Qwen2VLConfig, WhisperConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from lyra.constants import ENCODER_FRAMES_PER_WINDOW
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SPEECH_ADAPTER = "speech"  # LoRA used when every speech clip fits in one 30 s window
+LONG_SPEECH_ADAPTER = "long_speech"  # LoRA used when a clip spans several windows
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Speech projector: stack k encoder frames, then a two-layer MLP to the LLM width."""
+
+    k: int = 5  # encoder frames (20 ms each) stacked into one speech token: 5 -> 10 tokens/s
+    hidden_size: int = 2048  # width of the projector's inner layer
+    trim_speech_padding: bool = False  # keep only tokens covering real audio (True) or all 300 per window
+
+    @property
+    def tokens_per_window(self) -> int:
+        """Speech tokens one padded 30 s window yields (300 for k=5)."""
+        return ENCODER_FRAMES_PER_WINDOW // self.k
+
+
+@dataclass(frozen=True)
+class LoraAdapterConfig:
+    """One PEFT LoRA adapter on the LLM's attention and MLP projections."""
+
+    r: int = 64  # rank of the low-rank update
+    alpha: int = 16  # LoRA alpha; the update is scaled by alpha / r
+    dropout: float = 0.05  # dropout on the adapter input during training
+    targets: tuple[str, ...] = LORA_TARGETS  # module names (inside each decoder layer) that get LoRA
+
+
+@dataclass(frozen=True)
+class LcmrConfig:
+    """Latent cross-modality regularizer: soft-DTW between speech tokens and transcript embeddings."""
+
+    tau: float = 0.06  # temperature of the speech-token/text-embedding dot products
+    gamma: float = 0.1  # soft-DTW smoothing
+    weight: float = 0.5  # lambda in loss = CE + lambda * LCMR (0 turns LCMR off)
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """Latent multi-modality extractor: query-aware dropping of image/video/speech tokens at prefill."""
+
+    gap: int = 0  # prune after every layer i with (i + 1) % gap == 0 (never the last); 0 disables
+    keep_rate: float = 1.0  # fraction of the multimodal tokens kept at each pruning layer
+    min_keep: int = 32  # never keep fewer multimodal tokens than this
+
+    @property
+    def enabled(self) -> bool:
+        return self.gap > 0
+
+
+def _default_adapters() -> dict[str, LoraAdapterConfig]:
+    return {
+        SPEECH_ADAPTER: LoraAdapterConfig(r=64, alpha=16),
+        LONG_SPEECH_ADAPTER: LoraAdapterConfig(r=128, alpha=256),
+    }
+
+
+@dataclass(frozen=True)
+class LyraSettings:
+    """Lyra's own components, gathered; `LyraConfig` serialises it as plain dicts."""
+
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    adapters: dict[str, LoraAdapterConfig] = field(default_factory=_default_adapters)
+    lcmr: LcmrConfig = field(default_factory=LcmrConfig)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+
+
+def _as_dict(obj) -> dict:
+    out = dataclasses.asdict(obj)
+    for value in out.values():
+        if isinstance(value, dict) and "targets" in value:
+            value["targets"] = list(value["targets"])
+    return out
+
+
+def _adapter_from_dict(d: dict) -> LoraAdapterConfig:
+    d = dict(d)
+    if "targets" in d:
+        d["targets"] = tuple(d["targets"])
+    return LoraAdapterConfig(**d)
+
+
+@strict
+class LyraConfig(PreTrainedConfig):
+    """Configuration of `LyraForConditionalGeneration`.
+
+    Args:
+        backbone_config: the Qwen2-VL config (vision tower + LLM), dict or `Qwen2VLConfig`.
+        speech_config: the Whisper config whose encoder is the speech tower, dict or `WhisperConfig`.
+        projector, adapters, lcmr, extractor: dicts (or the dataclasses above) for Lyra's own parts.
+        speech_token_id: id of `<|speech_pad|>`, the placeholder projected speech replaces.
+    """
+
+    model_type = "lyra"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=Qwen2VLConfig),
+        "speech_config": SubConfigSpec(config_class=WhisperConfig),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    speech_config: dict | PreTrainedConfig | None = None
+    projector: dict | None = None
+    adapters: dict | None = None
+    lcmr: dict | None = None
+    extractor: dict | None = None
+    speech_token_id: int = 151657
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        defaults = LyraSettings()
+        self.projector = _as_dict(_coerce(self.projector, ProjectorConfig, defaults.projector))
+        adapters = defaults.adapters if self.adapters is None else self.adapters
+        self.adapters = {
+            name: _as_dict(a if isinstance(a, LoraAdapterConfig) else _adapter_from_dict(a))
+            for name, a in adapters.items()
+        }
+        self.lcmr = _as_dict(_coerce(self.lcmr, LcmrConfig, defaults.lcmr))
+        self.extractor = _as_dict(_coerce(self.extractor, ExtractorConfig, defaults.extractor))
+        super().__post_init__(**kwargs)
+        self.tie_word_embeddings = bool(self.backbone_config.tie_word_embeddings)
+
+    @property
+    def settings(self) -> LyraSettings:
+        """Lyra's own settings as frozen dataclasses."""
+        return LyraSettings(
+            projector=ProjectorConfig(**self.projector),
+            adapters={name: _adapter_from_dict(d) for name, d in self.adapters.items()},
+            lcmr=LcmrConfig(**self.lcmr),
+            extractor=ExtractorConfig(**self.extractor),
+        )
+
+    @property
+    def text_config(self):
+        """The LLM's config (Qwen2-VL text config)."""
+        return self.backbone_config.text_config
+
+    def with_settings(self, **changes) -> LyraConfig:
+        """A copy with some of Lyra's settings replaced, e.g. `extractor=ExtractorConfig(gap=2, keep_rate=0.5)`."""
+        d = self.to_dict()
+        for key, value in changes.items():
+            if key == "adapters":
+                d[key] = {n: _as_dict(a) if dataclasses.is_dataclass(a) else a for n, a in value.items()}
+            else:
+                d[key] = _as_dict(value) if dataclasses.is_dataclass(value) else value
+        new = LyraConfig.from_dict(d)
+        new._attn_implementation = self._attn_implementation
+        return new
+
+
+def _coerce(value, cls, default):
+    if value is None:
+        return default
+    if isinstance(value, cls):
+        return value
+    return cls(**value)
+
+
+__all__ = [
+    "LyraConfig",
+    "LyraSettings",
+    "ProjectorConfig",
+    "LoraAdapterConfig",
+    "LcmrConfig",
+    "ExtractorConfig",
+    "SPEECH_ADAPTER",
+    "LONG_SPEECH_ADAPTER",
+    "LORA_TARGETS",
+]

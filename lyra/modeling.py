@@ -1,0 +1,599 @@
+"""LyraForConditionalGeneration: Qwen2-VL + Whisper encoder + speech projector + per-modality LoRA.
+
+The backbone is transformers' own `Qwen2VLForConditionalGeneration` and the speech tower transformers'
+own `WhisperEncoder`; this module only wires them together. The decoder layers are driven by a short
+loop of our own (the same steps as `Qwen2VLTextModel.forward`) because the token extractor has to
+drop tokens between layers and the cache then holds a different length per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel, Qwen2VLForConditionalGeneration, WhisperConfig
+from transformers.masking_utils import create_causal_mask
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from lyra.adapters import LoraAdapters
+from lyra.configuration import (
+    LONG_SPEECH_ADAPTER,
+    SPEECH_ADAPTER,
+    ExtractorConfig,
+    LyraConfig,
+)
+from lyra.constants import IGNORE_INDEX, TOKEN_TYPE_TEXT
+from lyra.extractor import is_pruning_layer, mm_attention_scores, plan_compaction, query_mask_for
+from lyra.regularizer import lcmr_loss
+from lyra.speech import SpeechProjector, keep_window_tokens
+
+AUTO = "auto"  # adapter routing chosen from the input
+
+
+class PlaceholderMismatchError(ValueError):
+    """The prompt's placeholder tokens and the given image/speech features do not line up."""
+
+
+@dataclass
+class LyraCache:
+    """Decoding state of one batch of streams, owned by the caller and passed back each step.
+
+    kv: the per-layer key/value cache (layers may hold different lengths after token extraction).
+    key_valid: per layer, (B, K_layer) bool: False for cached padding slots.
+    next_position: (B,) long: the M-RoPE position the next token of each stream gets.
+    adapter: the LoRA adapter chosen at the first chunk; later chunks and decoding keep it.
+    """
+
+    kv: DynamicCache
+    key_valid: list[torch.Tensor]
+    next_position: torch.Tensor
+    adapter: str | None = None
+
+    def cached_tokens(self, layer: int = -1) -> int:
+        """Keys held by one layer (the last by default, the shortest after token extraction)."""
+        return int(self.key_valid[layer].shape[1])
+
+
+@dataclass
+class LyraOutput:
+    """What one forward pass returns.
+
+    logits: (B, L', V) with L' the chunk length after token extraction (or the last `logits_to_keep`).
+    hidden_states: (B, L', D) final normed LLM states of the same positions.
+    token_index: (B, L') index of each surviving position in the input chunk (-1 for extractor padding).
+    loss = ce_loss + lambda * lcmr_loss when labels (and transcripts) are given.
+    """
+
+    logits: torch.Tensor
+    hidden_states: torch.Tensor
+    token_index: torch.Tensor
+    loss: torch.Tensor | None = None
+    ce_loss: torch.Tensor | None = None
+    lcmr_loss: torch.Tensor | None = None
+    cache: LyraCache | None = None
+    adapter: str | None = None
+
+
+@dataclass
+class GenerationStep:
+    """One decoding step of `stream_generate`: the new token of each stream and its state."""
+
+    tokens: torch.Tensor  # (B,) sampled ids (pad id for streams already finished)
+    finished: torch.Tensor  # (B,) bool: the stream produced EOS at or before this step
+    hidden_states: torch.Tensor  # (B, D) final normed LLM state that predicted `tokens`
+    cache: LyraCache  # the decoding state after this step's prediction
+
+
+@dataclass
+class LyraGeneration:
+    """Result of `generate`: new tokens only (prompt excluded) and the cache to continue from."""
+
+    sequences: torch.Tensor  # (B, T) new token ids, right-padded with the pad id
+    cache: LyraCache
+    hidden_states: list[torch.Tensor] = field(default_factory=list)  # T tensors of (B, D)
+
+
+class LyraPreTrainedModel(PreTrainedModel):
+    config_class = LyraConfig
+    base_model_prefix = "lyra"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "WhisperEncoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        if isinstance(module, SpeechProjector):
+            std = 0.02
+            for linear in (module.linear1, module.linear2):
+                nn.init.normal_(linear.weight, std=std)
+                nn.init.zeros_(linear.bias)
+        else:
+            super()._init_weights(module)
+
+
+class LyraForConditionalGeneration(LyraPreTrainedModel):
+    """The Lyra omni-model.
+
+    Inputs come from `LyraProcessor`: `input_ids`/`attention_mask` (B, L) with `<|image_pad|>` and
+    `<|speech_pad|>` placeholders, `mm_token_type_ids` (B, L), `pixel_values`/`image_grid_thw` for images,
+    `input_features` (W, n_mels, 3000) for every 30 s speech window with `speech_token_counts` (W,) and
+    `speech_clip_windows` (C,). Images get Qwen2-VL's 3-D M-RoPE positions; speech tokens are typed as
+    text and so get plain 1-D positions on all three axes.
+    """
+
+    def __init__(self, config: LyraConfig):
+        super().__init__(config)
+        settings = config.settings
+        config.backbone_config._attn_implementation = config._attn_implementation
+        config.speech_config._attn_implementation = config._attn_implementation
+        self.backbone = Qwen2VLForConditionalGeneration._from_config(config.backbone_config)
+        self.speech_encoder = WhisperEncoder._from_config(config.speech_config)
+        self.speech_projector = SpeechProjector(
+            encoder_dim=config.speech_config.d_model,
+            llm_dim=config.text_config.hidden_size,
+            k=settings.projector.k,
+            hidden_size=settings.projector.hidden_size,
+        )
+        self.adapters = LoraAdapters(self.language_model, settings.adapters)
+        self.extractor_config: ExtractorConfig = settings.extractor
+        self.post_init()
+
+    # ---- structure -------------------------------------------------------------------------------
+    @property
+    def language_model(self) -> nn.Module:
+        return self.backbone.model.language_model
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.backbone.model.visual
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.backbone.lm_head
+
+    @property
+    def _tied_weights_keys(self):
+        if self.config.tie_word_embeddings:
+            return {"backbone.lm_head.weight": "backbone.model.language_model.embed_tokens.weight"}
+        return {}
+
+    def set_extractor(self, extractor: ExtractorConfig) -> None:
+        """Change the token extractor's settings at inference (e.g. keep_rate 0.5)."""
+        self.extractor_config = extractor
+
+    def set_lora_scale(self, scale: float) -> None:
+        """SALMONN's activation tuning: scale every LoRA update (1 = as trained)."""
+        self.adapters.set_scale(scale)
+
+    def save_adapter(self, folder: str | Path, name: str) -> Path:
+        """Write one LoRA adapter in PEFT's format."""
+        return self.adapters.save(folder, name)
+
+    def load_adapter(self, folder: str | Path, name: str) -> None:
+        """Read one LoRA adapter from a PEFT adapter folder."""
+        self.adapters.load(folder, name)
+
+    # ---- encoders --------------------------------------------------------------------------------
+    def encode_speech(self, input_features: torch.Tensor, speech_token_counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Speech windows -> LLM-width speech tokens.
+
+        input_features (W, n_mels, 3000) log-mel of padded 30 s windows; speech_token_counts (W,) how many
+        tokens each window keeps (all 300 when None). Returns (sum(counts), D).
+        """
+        dtype = next(self.speech_encoder.parameters()).dtype
+        frames = self.speech_encoder(input_features.to(dtype)).last_hidden_state  # (W, 1500, d_model)
+        tokens = self.speech_projector(frames.to(self.speech_projector.linear1.weight.dtype))  # (W, 300, D)
+        if speech_token_counts is None:
+            return tokens.reshape(-1, tokens.shape[-1])
+        return keep_window_tokens(tokens, speech_token_counts)
+
+    def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """Images -> LLM-width tokens with the frozen Qwen2-VL vision tower and merger: (N, D)."""
+        out = self.backbone.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        return torch.cat(out.pooler_output, dim=0)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        speech_token_counts: torch.Tensor | None = None,
+        image_embeds: torch.Tensor | None = None,
+        speech_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token embeddings with image and speech features scattered into their placeholders.
+
+        Precomputed `image_embeds` / `speech_embeds` (N, D) may be given instead of raw inputs.
+        Returns (inputs_embeds (B, L, D), speech_embeds or None).
+        """
+        embeds = self.get_input_embeddings()(input_ids)
+        image_mask = input_ids == self.backbone.config.image_token_id
+        speech_mask = input_ids == self.config.speech_token_id
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values, image_grid_thw)
+        embeds = _scatter(embeds, image_mask, image_embeds, "image", "<|image_pad|>")
+        if speech_embeds is None and input_features is not None:
+            speech_embeds = self.encode_speech(input_features, speech_token_counts)
+        embeds = _scatter(embeds, speech_mask, speech_embeds, "speech", "<|speech_pad|>")
+        return embeds, speech_embeds
+
+    # ---- routing and positions -------------------------------------------------------------------
+    def route_adapter(self, input_ids: torch.Tensor, speech_clip_windows: torch.Tensor | None = None) -> str | None:
+        """No speech: adapters off (plain Qwen2-VL). Speech within one 30 s window: "speech".
+        Any clip spanning several windows: "long_speech". A missing adapter falls back to the other."""
+        n_speech = (input_ids == self.config.speech_token_id).sum(1)
+        if not bool((n_speech > 0).any()):
+            return None
+        if speech_clip_windows is not None and speech_clip_windows.numel():
+            is_long = int(speech_clip_windows.max()) > 1
+        else:
+            is_long = int(n_speech.max()) > self.config.settings.projector.tokens_per_window
+        preference = [LONG_SPEECH_ADAPTER, SPEECH_ADAPTER] if is_long else [SPEECH_ADAPTER, LONG_SPEECH_ADAPTER]
+        for name in preference:
+            if name in self.adapters.names:
+                return name
+        return None
+
+    def position_ids(
+        self,
+        input_ids: torch.Tensor,
+        valid: torch.Tensor,
+        mm_token_type_ids: torch.Tensor | None,
+        image_grid_thw: torch.Tensor | None,
+        offset: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """(3, B, L) M-RoPE positions of a chunk, continuing at `offset` (B,) when given."""
+        if image_grid_thw is None:
+            pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+            pos = pos[None].expand(3, -1, -1)
+        else:
+            if mm_token_type_ids is None:
+                mm_token_type_ids = torch.full_like(input_ids, TOKEN_TYPE_TEXT, dtype=torch.int)
+            pos, _ = self.backbone.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=mm_token_type_ids,
+                image_grid_thw=image_grid_thw,
+                attention_mask=valid.long(),
+            )
+        if offset is not None:
+            pos = pos + offset.to(pos.device)[None, :, None]
+        return pos
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        speech_token_counts: torch.Tensor | None = None,
+        speech_clip_windows: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        transcript_ids: torch.Tensor | None = None,
+        transcript_mask: torch.Tensor | None = None,
+        has_transcript: torch.Tensor | None = None,
+        cache: LyraCache | None = None,
+        use_cache: bool = False,
+        adapter: str | None = AUTO,
+        logits_to_keep: int = 0,
+        image_embeds: torch.Tensor | None = None,
+        speech_embeds: torch.Tensor | None = None,
+        **unused,
+    ) -> LyraOutput:
+        """Run one chunk (a whole prompt, a prompt continuation, or one decoding step).
+
+        With `cache` the chunk continues an earlier one: positions carry on and the cache grows.
+        `adapter` is "auto" (routed from the input, or the cache's), a name, or None for plain Qwen2-VL.
+        """
+        b, length = input_ids.shape
+        device = input_ids.device
+        valid = torch.ones(b, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+
+        embeds, speech_embeds = self.embed_inputs(
+            input_ids, pixel_values, image_grid_thw, input_features, speech_token_counts, image_embeds, speech_embeds
+        )
+        if adapter == AUTO:
+            adapter = cache.adapter if cache is not None and cache.adapter is not None else None
+            adapter = adapter or self.route_adapter(input_ids, speech_clip_windows)
+        self.adapters.activate(adapter)
+
+        n_layers = len(self.language_model.layers)
+        if cache is None and use_cache:
+            empty = torch.zeros(b, 0, dtype=torch.bool, device=device)
+            cache = LyraCache(
+                kv=DynamicCache(config=self.config.text_config),
+                key_valid=[empty] * n_layers,
+                next_position=torch.zeros(b, dtype=torch.long, device=device),
+                adapter=adapter,
+            )
+        offset = cache.next_position if cache is not None else None
+        positions = self.position_ids(input_ids, valid, mm_token_type_ids, image_grid_thw, offset)
+        next_position = positions.masked_fill(~valid[None], -1).amax(dim=(0, 2)) + 1  # (B,)
+        if cache is not None:  # a stream whose chunk is all padding keeps its place
+            next_position = torch.where(valid.any(1), next_position, cache.next_position)
+
+        mm_mask = (
+            (input_ids == self.backbone.config.image_token_id)
+            | (input_ids == self.backbone.config.video_token_id)
+            | (input_ids == self.config.speech_token_id)
+        )
+        hidden, chunk_valid, token_index, labels_out, new_key_valid = self._decoder(
+            embeds, positions, valid, mm_mask, labels, cache
+        )
+        hidden = self.language_model.norm(hidden)
+        head_in = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        logits = self.backbone.lm_head(head_in)
+
+        if cache is not None:
+            cache.key_valid = new_key_valid
+            cache.next_position = next_position
+            cache.adapter = adapter
+
+        ce = lcmr = loss = None
+        if labels is not None:
+            ce = _causal_lm_loss(logits if not logits_to_keep else self.backbone.lm_head(hidden), labels_out)
+            loss = ce
+            weight = self.config.settings.lcmr.weight
+            if transcript_ids is not None and weight > 0 and speech_embeds is not None:
+                lcmr = self._lcmr(input_ids, speech_embeds, transcript_ids, transcript_mask, has_transcript)
+                loss = ce + weight * lcmr
+        return LyraOutput(
+            logits=logits,
+            hidden_states=hidden,
+            token_index=token_index,
+            loss=loss,
+            ce_loss=ce,
+            lcmr_loss=lcmr,
+            cache=cache,
+            adapter=adapter,
+        )
+
+    def _decoder(self, hidden, positions, valid, mm_mask, labels, cache):
+        """The decoder-layer loop (as in `Qwen2VLTextModel.forward`) with token extraction between layers."""
+        lm = self.language_model
+        layers = lm.layers
+        text_config = self.config.text_config
+        b, length = valid.shape
+        cos, sin = lm.rotary_emb(hidden, positions)
+        token_index = torch.arange(length, device=hidden.device).expand(b, -1)
+        labels_cur = labels
+        extractor = self.extractor_config
+        prefill_with_mm = bool(mm_mask.any()) and extractor.enabled
+        query = query_mask_for(mm_mask, valid, labels) if prefill_with_mm else None
+
+        new_key_valid: list[torch.Tensor] = []
+        past_valid_prev = chunk_valid_prev = mask = None
+        no_past = valid[:, :0]
+        for i, layer in enumerate(layers):
+            # Layers that saw the same tokens share one mask tensor object, so the mask is rebuilt only
+            # where token extraction changed the lengths.
+            past_valid = cache.key_valid[i] if cache is not None else no_past
+            if mask is None or past_valid is not past_valid_prev or valid is not chunk_valid_prev:
+                key_valid = torch.cat([past_valid, valid], dim=1)
+                mask = create_causal_mask(
+                    config=text_config,
+                    inputs_embeds=hidden,
+                    attention_mask=None if bool(key_valid.all()) else key_valid,
+                    past_key_values=cache.kv if cache is not None else None,
+                    position_ids=None,
+                    layer_idx=i if cache is not None else None,
+                )
+                mask = mask if mask is not None else _NO_MASK
+                joined = key_valid
+            past_valid_prev, chunk_valid_prev = past_valid, valid
+            new_key_valid.append(joined)
+
+            prune = prefill_with_mm and is_pruning_layer(i, len(layers), extractor) and bool(query.any())
+            if prune:
+                scores = mm_attention_scores(layer, hidden, cos, sin, query, valid)
+            hidden = layer(
+                hidden,
+                attention_mask=None if mask is _NO_MASK else mask,
+                position_embeddings=(cos, sin),
+                position_ids=None,
+                past_key_values=cache.kv if cache is not None else None,
+                use_cache=cache is not None,
+            )
+            if prune:
+                plan = plan_compaction(scores, mm_mask, valid, extractor)
+                if plan is not None:
+                    hidden = plan.gather(hidden)
+                    cos, sin = plan.gather(cos), plan.gather(sin)
+                    valid = plan.gather(valid, False) & plan.valid
+                    mm_mask = plan.gather(mm_mask, False)
+                    query = plan.gather(query, False)
+                    token_index = plan.gather(token_index, -1)
+                    if labels_cur is not None:
+                        labels_cur = plan.gather(labels_cur, IGNORE_INDEX)
+        # The cached keys of layer i cover the chunk as it was when layer i ran.
+        return hidden, valid, token_index, labels_cur, new_key_valid
+
+    def _lcmr(self, input_ids, speech_embeds, transcript_ids, transcript_mask, has_transcript):
+        speech_mask = input_ids == self.config.speech_token_id
+        counts = speech_mask.sum(1)
+        width = int(counts.max())
+        d = speech_embeds.shape[-1]
+        speech = speech_embeds.new_zeros(input_ids.shape[0], width, d)
+        slot_valid = torch.arange(width, device=input_ids.device)[None] < counts[:, None]
+        speech[slot_valid] = speech_embeds.to(speech.dtype)
+        text = self.get_input_embeddings()(transcript_ids)
+        if transcript_mask is None:
+            transcript_mask = torch.ones_like(transcript_ids, dtype=torch.bool)
+        if has_transcript is None:
+            has_transcript = transcript_mask.any(1)
+        has_transcript = has_transcript.bool() & (counts > 0)
+        lcmr = self.config.settings.lcmr
+        return lcmr_loss(
+            speech.float(), slot_valid, text.float(), transcript_mask.bool(), has_transcript, tau=lcmr.tau, gamma=lcmr.gamma
+        )
+
+    # ---- generation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def stream_generate(
+        self,
+        inputs: Mapping[str, torch.Tensor],
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        cache: LyraCache | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[GenerationStep]:
+        """Prefill `inputs` (processor output) and yield one `GenerationStep` per new token.
+
+        Decoding reuses the KV cache; with `cache` the prompt continues an earlier conversation.
+        Greedy when temperature is 0, else temperature + nucleus (top_p) sampling. Stops when every
+        stream has produced EOS or after `max_new_tokens`.
+        """
+        eos = _as_list(eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id)
+        pad = pad_token_id if pad_token_id is not None else (self.config.text_config.pad_token_id or eos[0])
+        out = self(**inputs, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out.cache
+        b = out.logits.shape[0]
+        finished = torch.zeros(b, dtype=torch.bool, device=out.logits.device)
+        hidden = out.hidden_states[:, -1]
+        logits = out.logits[:, -1]
+        for _ in range(max_new_tokens):
+            tokens = _sample(logits, temperature, top_p, generator)
+            tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
+            finished = finished | torch.isin(tokens, torch.tensor(eos, device=tokens.device))
+            yield GenerationStep(tokens=tokens, finished=finished.clone(), hidden_states=hidden, cache=cache)
+            if bool(finished.all()):
+                return
+            # Finished streams keep decoding pad tokens so the batch stays rectangular.
+            out = self(tokens[:, None], cache=cache, use_cache=True)
+            hidden, logits = out.hidden_states[:, -1], out.logits[:, -1]
+
+    @torch.no_grad()
+    def generate(self, inputs: Mapping[str, torch.Tensor], **kwargs) -> LyraGeneration:
+        """Run `stream_generate` to the end; returns the new tokens (B, T) and the cache."""
+        steps = list(self.stream_generate(inputs, **kwargs))
+        if not steps:
+            raise ValueError("max_new_tokens must be at least 1")
+        sequences = torch.stack([s.tokens for s in steps], dim=1)
+        return LyraGeneration(sequences=sequences, cache=steps[-1].cache, hidden_states=[s.hidden_states for s in steps])
+
+    # ---- building from separate checkpoints -------------------------------------------------------
+    @classmethod
+    def from_base(
+        cls,
+        backbone_path: str | Path,
+        speech_path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        **settings,
+    ) -> LyraForConditionalGeneration:
+        """Build a Lyra model from a Qwen2-VL checkpoint folder (or hub id) and a Whisper one.
+
+        The projector and LoRA adapters start fresh (LoRA B = 0, so the model behaves as the backbone
+        until trained); `settings` are LyraConfig fields (projector, adapters, lcmr, extractor).
+        """
+        backbone = Qwen2VLForConditionalGeneration.from_pretrained(backbone_path, dtype=dtype or torch.float32)
+        speech_config = WhisperConfig.from_pretrained(speech_path)
+        config = LyraConfig(
+            backbone_config=backbone.config.to_dict(), speech_config=speech_config.to_dict(), **settings
+        )
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        model = cls(config)
+        load_backbone_state(model, backbone.state_dict())
+        del backbone
+        model.speech_encoder.load_state_dict(read_whisper_encoder_state(speech_path))
+        if dtype is not None:
+            model = model.to(dtype)
+        return model.eval()
+
+
+_NO_MASK = object()  # create_causal_mask returned None (the kernel's own causal path is used)
+
+
+def _scatter(embeds, mask, features, what: str, token: str):
+    n_slots = int(mask.sum())
+    n_feats = 0 if features is None else int(features.shape[0])
+    if n_slots != n_feats:
+        raise PlaceholderMismatchError(
+            f"the prompt has {n_slots} {token} placeholder tokens but {n_feats} {what} feature vectors were given; "
+            f"build inputs with LyraProcessor so each <{what}> placeholder expands to exactly its feature count"
+        )
+    if n_slots == 0:
+        return embeds
+    return embeds.masked_scatter(mask[..., None], features.to(embeds.dtype))
+
+
+def _causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy: logits at t predict labels at t + 1; IGNORE_INDEX positions skipped."""
+    shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+    if bool((shift_labels == IGNORE_INDEX).all()):
+        return shift_logits.sum() * 0.0
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _as_list(x) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [int(x)]
+
+
+def load_backbone_state(model: LyraForConditionalGeneration, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a plain `Qwen2VLForConditionalGeneration` state dict into a model whose LLM carries LoRA.
+
+    PEFT moved every wrapped weight to `<module>.base_layer.weight`; this maps the plain names there.
+    Every backbone weight must be covered.
+    """
+    own = model.backbone.state_dict()
+    mapped = {}
+    for key, value in state.items():
+        if key in own:
+            mapped[key] = value
+            continue
+        module, _, leaf = key.rpartition(".")
+        wrapped = f"{module}.base_layer.{leaf}"
+        if wrapped not in own:
+            raise KeyError(f"backbone weight {key} has no place in the Lyra model")
+        mapped[wrapped] = value
+    missing = [k for k in own if k not in mapped and ".lora_" not in k]
+    if model.config.tie_word_embeddings:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing:
+        raise KeyError(f"the backbone checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}")
+    model.backbone.load_state_dict(mapped, strict=False)
+    if model.config.tie_word_embeddings:
+        model.backbone.lm_head.weight = model.get_input_embeddings().weight
+
+
+def read_whisper_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The encoder weights of a Whisper checkpoint folder (keys relative to `WhisperEncoder`)."""
+    from transformers import WhisperModel
+
+    whisper = WhisperModel.from_pretrained(path, dtype=torch.float32)
+    return whisper.encoder.state_dict()
+
