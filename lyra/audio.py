@@ -12,7 +12,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -25,8 +25,23 @@ __all__ = ["AudioArray", "AudioError", "AudioSource", "load_audio", "split_windo
 # What libsndfile decodes, by the names users know; listed in "unsupported format" errors.
 SUPPORTED_FORMATS = "WAV, FLAC, OGG (Vorbis/Opus), MP3, AIFF, AU, CAF, W64, RF64"
 _SUPPORTED_SUFFIXES = frozenset(
-    {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd",
-     ".caf", ".w64", ".rf64"}
+    {
+        ".wav",
+        ".wave",
+        ".flac",
+        ".ogg",
+        ".oga",
+        ".opus",
+        ".mp3",
+        ".aif",
+        ".aiff",
+        ".aifc",
+        ".au",
+        ".snd",
+        ".caf",
+        ".w64",
+        ".rf64",
+    }
 )
 _READ_BLOCK_FRAMES = 1 << 20  # frames decoded per block: bounds peak memory for hour-long files
 _RESAMPLE_QUALITY = "VHQ"  # soxr's very-high-quality preset (the brief asks for high quality)
@@ -48,7 +63,7 @@ class AudioArray:
 
 
 # A path, encoded file bytes, a binary file object, samples with their rate, or bare samples at 16 kHz.
-AudioSource = Union[str, os.PathLike, bytes, bytearray, memoryview, BinaryIO, AudioArray, tuple, np.ndarray]
+AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | AudioArray | tuple | np.ndarray
 
 
 def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
@@ -131,9 +146,7 @@ def _from_array(samples, rate, target_rate: int, name: str) -> np.ndarray:
     if x.ndim == 2:
         x = x.mean(axis=1)  # (N, C) -> (N,)
     elif x.ndim != 1:
-        raise AudioError(
-            f"{name}: samples must be (N,) mono or (N, C) channels-last, got shape {tuple(x.shape)}"
-        )
+        raise AudioError(f"{name}: samples must be (N,) mono or (N, C) channels-last, got shape {tuple(x.shape)}")
     x = x.astype(np.float32, copy=False)
     if x.shape[0] == 0:
         raise AudioError(f"{name}: audio is empty (0 samples); pass a non-empty clip")

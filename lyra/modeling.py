@@ -458,7 +458,7 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
 
         Decoding reuses the KV cache; with `cache` the prompt continues an earlier conversation.
         Greedy when temperature is 0, else temperature + nucleus (top_p) sampling. Stops when every
-        stream has produced EOS or after `max_new_tokens`.
+        stream has produced EOS or after `max_new_tokens`; the cache then holds every emitted token.
         """
         eos = _as_list(eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id)
         pad = pad_token_id if pad_token_id is not None else (self.config.text_config.pad_token_id or eos[0])
@@ -473,10 +473,11 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
             tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
             finished = finished | torch.isin(tokens, torch.tensor(eos, device=tokens.device))
             yield GenerationStep(tokens=tokens, finished=finished.clone(), hidden_states=hidden, cache=cache)
+            # Every emitted token (EOS included) enters the cache, so a next turn continues right after
+            # it. Finished streams keep decoding pad tokens so the batch stays rectangular.
+            out = self(tokens[:, None], cache=cache, use_cache=True)
             if bool(finished.all()):
                 return
-            # Finished streams keep decoding pad tokens so the batch stays rectangular.
-            out = self(tokens[:, None], cache=cache, use_cache=True)
             hidden, logits = out.hidden_states[:, -1], out.logits[:, -1]
 
     @torch.no_grad()

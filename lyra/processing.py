@@ -14,10 +14,10 @@ import json
 import math
 import os
 import re
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -79,6 +79,13 @@ class ImageError(ValueError):
 
 
 @dataclass(frozen=True)
+class _SpeechBatch:
+    features: np.ndarray  # (W, n_mels, 3000) float32 log-mel, every window of every clip in order
+    window_token_counts: list[int]  # (W,) speech tokens each window contributes
+    clip_windows: list[int]  # (C,) windows per clip
+
+
+@dataclass(frozen=True)
 class _Settings:
     trim_speech_padding: bool  # keep only the speech tokens of a window's real audio (see __call__)
     projector_k: int  # encoder frames stacked into one speech token (5 -> 300 tokens per 30 s window)
@@ -116,7 +123,9 @@ class LyraProcessor:
         self.settings = _Settings(trim_speech_padding=bool(trim_speech_padding), projector_k=projector_k)
 
         vocab = tokenizer.get_vocab()
-        missing = [t for t in (VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN, SPEECH_PAD_TOKEN) if t not in vocab]
+        missing = [
+            t for t in (VISION_START_TOKEN, VISION_END_TOKEN, IMAGE_PAD_TOKEN, SPEECH_PAD_TOKEN) if t not in vocab
+        ]
         if missing:
             raise ValueError(
                 f"tokenizer lacks the special tokens {missing}; build it with lyra.assets.qwen2_tokenizer() "
@@ -154,14 +163,17 @@ class LyraProcessor:
         projector_k: int = 5,
         min_pixels: int = DEFAULT_MIN_PIXELS,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-    ) -> "LyraProcessor":
+    ) -> LyraProcessor:
         """A processor from a local tokenizer folder and the speech encoder's mel-bin count (80 or 128)."""
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
         feature_extractor = WhisperFeatureExtractor(
-            feature_size=n_mels, sampling_rate=SAMPLE_RATE, hop_length=HOP_LENGTH, chunk_length=WINDOW_SAMPLES // SAMPLE_RATE
+            feature_size=n_mels,
+            sampling_rate=SAMPLE_RATE,
+            hop_length=HOP_LENGTH,
+            chunk_length=WINDOW_SAMPLES // SAMPLE_RATE,
         )
         return cls(
             tokenizer,
@@ -183,7 +195,7 @@ class LyraProcessor:
         (root / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "LyraProcessor":
+    def from_pretrained(cls, directory: str | os.PathLike) -> LyraProcessor:
         """Load what ``save_pretrained`` wrote; a local folder only (Lyra never downloads at run time)."""
         root = Path(directory)
         settings_path = root / SETTINGS_FILE
@@ -195,8 +207,12 @@ class LyraProcessor:
                 )
         settings = json.loads(settings_path.read_text())
         tokenizer = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(root / IMAGE_PROCESSOR_DIR), local_files_only=True)
-        feature_extractor = WhisperFeatureExtractor.from_pretrained(str(root / FEATURE_EXTRACTOR_DIR), local_files_only=True)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(
+            str(root / IMAGE_PROCESSOR_DIR), local_files_only=True
+        )
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(
+            str(root / FEATURE_EXTRACTOR_DIR), local_files_only=True
+        )
         return cls(
             tokenizer,
             image_processor,
@@ -356,11 +372,11 @@ class LyraProcessor:
 
         clip_token_counts: list[int] = []
         if audios:
-            features, window_counts, clip_windows = self._featurize_audio(audios)
-            clip_token_counts = _sum_by_clip(window_counts, clip_windows)
-            data["input_features"] = features
-            data["speech_token_counts"] = np.asarray(window_counts, dtype=np.int64)
-            data["speech_clip_windows"] = np.asarray(clip_windows, dtype=np.int64)
+            speech = self._featurize_audio(audios)
+            clip_token_counts = _sum_by_clip(speech.window_token_counts, speech.clip_windows)
+            data["input_features"] = speech.features
+            data["speech_token_counts"] = np.asarray(speech.window_token_counts, dtype=np.int64)
+            data["speech_clip_windows"] = np.asarray(speech.clip_windows, dtype=np.int64)
 
         ids_per_sample = self._expand(split, image_token_counts, clip_token_counts)
         length = max(len(ids) for ids in ids_per_sample)
@@ -391,9 +407,7 @@ class LyraProcessor:
                 )
         return [seg for seg in _PLACEHOLDER_RE.split(text) if seg]
 
-    def _expand(
-        self, split: list[list[str]], image_counts: list[int], clip_counts: list[int]
-    ) -> list[np.ndarray]:
+    def _expand(self, split: list[list[str]], image_counts: list[int], clip_counts: list[int]) -> list[np.ndarray]:
         # Placeholders expand into special tokens only, which the tokenizer splits on before BPE anyway,
         # so tokenising the text pieces separately gives the same ids as tokenising the expanded string.
         pieces = [seg for segs in split for seg in segs if seg not in (IMAGE_PLACEHOLDER, SPEECH_PLACEHOLDER)]
@@ -414,7 +428,7 @@ class LyraProcessor:
             result.append(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
         return result
 
-    def _featurize_audio(self, audios: list) -> tuple[np.ndarray, list[int], list[int]]:
+    def _featurize_audio(self, audios: list) -> _SpeechBatch:
         windows: list[np.ndarray] = []
         window_counts: list[int] = []
         clip_windows: list[int] = []
@@ -430,11 +444,11 @@ class LyraProcessor:
         features = np.empty((len(windows), self.n_mels, WINDOW_MEL_FRAMES), dtype=np.float32)
         for start in range(0, len(windows), _FEATURE_CHUNK_WINDOWS):
             chunk = windows[start : start + _FEATURE_CHUNK_WINDOWS]
-            mel = self.feature_extractor(
-                chunk, sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="np"
-            )["input_features"]  # (w, n_mels, 3000)
+            mel = self.feature_extractor(chunk, sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="np")[
+                "input_features"
+            ]  # (w, n_mels, 3000)
             features[start : start + len(chunk)] = mel
-        return features, window_counts, clip_windows
+        return _SpeechBatch(features=features, window_token_counts=window_counts, clip_windows=clip_windows)
 
     def _transcripts(self, transcripts: Sequence[str | None]) -> dict[str, np.ndarray]:
         ids: list[list[int]] = []
@@ -492,10 +506,13 @@ class LyraProcessor:
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
-            raise ImageError(f"{label}: refused to decode a likely decompression bomb ({exc}); downscale it first") from None
-        except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
             raise ImageError(
-                f"{label}: cannot decode the image ({exc}); pass a valid PNG/JPEG/WebP/GIF/BMP file or a PIL image"
+                f"{label}: refused to decode a likely decompression bomb ({exc}); downscale it first"
+            ) from None
+        except (OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
+            reason = "not a recognised image format" if isinstance(exc, Image.UnidentifiedImageError) else str(exc)
+            raise ImageError(
+                f"{label}: cannot decode the image ({reason}); pass a valid PNG/JPEG/WebP/GIF/BMP file or a PIL image"
             ) from None
         return image
 
@@ -526,9 +543,7 @@ def _content_to_text(content, index: int) -> str:
         elif kind in ("audio", "input_audio", "speech"):
             out.append(SPEECH_PLACEHOLDER)
         else:
-            raise PromptError(
-                f"message {index}: unknown content part {part!r}; use types 'text', 'image' or 'audio'"
-            )
+            raise PromptError(f"message {index}: unknown content part {part!r}; use types 'text', 'image' or 'audio'")
     return "\n".join(out)
 
 
@@ -580,8 +595,10 @@ class _open_image:
             return src  # the caller's object: never closed, never drafted
         if isinstance(src, np.ndarray):
             if src.dtype != np.uint8 or src.ndim not in (2, 3) or (src.ndim == 3 and src.shape[2] not in (1, 3, 4)):
-                raise ImageError(f"{self.label}: arrays must be (H, W), (H, W, 3) or (H, W, 4) uint8, got "
-                                 f"{src.dtype} {tuple(src.shape)}")
+                raise ImageError(
+                    f"{self.label}: arrays must be (H, W), (H, W, 3) or (H, W, 4) uint8, got "
+                    f"{src.dtype} {tuple(src.shape)}"
+                )
             self.image = Image.fromarray(src[..., 0] if src.ndim == 3 and src.shape[2] == 1 else src)
             return self.image
         if isinstance(src, (str, os.PathLike)):
@@ -596,12 +613,13 @@ class _open_image:
         elif hasattr(src, "read"):
             fp = src
         else:
-            raise ImageError(f"{self.label}: cannot read an image from a {type(src).__name__}; pass a PIL image, "
-                             "a path, bytes or a binary file object")
-        with warnings.catch_warnings():
-            # The size is checked right after opening; PIL's warning would only duplicate that.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            self.image = Image.open(fp)
+            raise ImageError(
+                f"{self.label}: cannot read an image from a {type(src).__name__}; pass a PIL image, "
+                "a path, bytes or a binary file object"
+            )
+        # PIL itself refuses files above 2 * Image.MAX_IMAGE_PIXELS here (DecompressionBombError); the
+        # caller re-checks against MAX_DECODE_PIXELS in case that global was raised or disabled.
+        self.image = Image.open(fp)
         return self.image
 
     def __exit__(self, *exc) -> None:

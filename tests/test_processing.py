@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from PIL import Image
-from transformers import WhisperFeatureExtractor
+from transformers import AutoTokenizer, WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from lyra import assets
@@ -36,7 +36,8 @@ def tokenizer_dir():
 
 @pytest.fixture(scope="module")
 def processor(tokenizer_dir):
-    return LyraProcessor.build(tokenizer_dir, N_MELS)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return LyraProcessor(tokenizer, Qwen2VLImageProcessorPil(), WhisperFeatureExtractor(feature_size=N_MELS))
 
 
 @pytest.fixture(scope="module")
@@ -345,8 +346,12 @@ def test_text_only_has_no_media_keys_and_numpy_output(processor):
 def test_save_and_load_round_trip(tokenizer_dir, tmp_path):
     original = LyraProcessor.build(tokenizer_dir, N_MELS, trim_speech_padding=True, max_pixels=200 * 28 * 28)
     original.save_pretrained(tmp_path / "proc")
-    for name in ("lyra_processor.json", "tokenizer.json", "image_processor/preprocessor_config.json",
-                 "feature_extractor/preprocessor_config.json"):
+    for name in (
+        "lyra_processor.json",
+        "tokenizer.json",
+        "image_processor/preprocessor_config.json",
+        "feature_extractor/preprocessor_config.json",
+    ):
         assert (tmp_path / "proc" / name).is_file(), name
     (tmp_path / "proc" / "config.json").write_text('{"model_type": "lyra"}')  # a model saved alongside
     loaded = LyraProcessor.from_pretrained(tmp_path / "proc")
