@@ -1,35 +1,30 @@
-"""Lyra: a speech-centric omni-model (Qwen2-VL + Whisper speech tower) with a long-speech engine."""
+"""Lyra: a speech-centric omni-model (Qwen2-VL + Whisper speech tower) with a long-speech engine.
 
-from lyra.configuration import (
-    ExtractorConfig,
-    LcmrConfig,
-    LoraAdapterConfig,
-    LyraConfig,
-    ProjectorConfig,
-)
-from lyra.modeling import LyraCache, LyraForConditionalGeneration, LyraOutput
-from lyra.presets import build_config
+Public names are imported lazily so that `lyra --help` and the asset builder start fast.
+"""
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ExtractorConfig",
-    "LcmrConfig",
-    "LoraAdapterConfig",
-    "LyraCache",
-    "LyraConfig",
-    "LyraForConditionalGeneration",
-    "LyraOutput",
-    "LyraProcessor",
-    "ProjectorConfig",
-    "build_config",
-]
+_EXPORTS = {
+    "LyraConfig": "lyra.configuration",
+    "ProjectorConfig": "lyra.configuration",
+    "LoraAdapterConfig": "lyra.configuration",
+    "LcmrConfig": "lyra.configuration",
+    "ExtractorConfig": "lyra.configuration",
+    "LyraForConditionalGeneration": "lyra.modeling",
+    "LyraOutput": "lyra.modeling",
+    "LyraCache": "lyra.modeling",
+    "LyraProcessor": "lyra.processing",
+    "build_config": "lyra.presets",
+    "load_pretrained": "lyra.pretrained",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # The processor pulls in audio/image I/O; import it only when asked for.
-    if name == "LyraProcessor":
-        from lyra.processing import LyraProcessor
+    if name in _EXPORTS:
+        import importlib
 
-        return LyraProcessor
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'lyra' has no attribute {name!r}")
