@@ -1,0 +1,1 @@
+"""Datasets, manifests, collation and synthetic-data recipes (imported as `lyra.data`)."""

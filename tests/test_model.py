@@ -143,3 +143,20 @@ def test_from_base_checkpoints(tmp_path):
     assert torch.equal(model(**text).logits, qwen(**text).logits)
     feats = torch.randn(1, 80, 3000)
     assert torch.equal(model.speech_encoder(feats).last_hidden_state, whisper.model.encoder(feats).last_hidden_state)
+
+
+def test_gradient_checkpointing_and_bf16(tiny_model):
+    inputs = speech_inputs(20)
+    labels = inputs["input_ids"].clone()
+    labels[:, :-3] = -100
+    tiny_model.train()
+    reference = tiny_model(**inputs, labels=labels).loss
+    tiny_model.activation_checkpointing_enable()
+    out = tiny_model(**inputs, labels=labels)
+    assert torch.allclose(out.loss, reference)
+    out.loss.backward()
+    assert tiny_model.speech_projector.linear1.weight.grad is not None
+    model = tiny_model.eval().to(torch.bfloat16)
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
