@@ -133,12 +133,17 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         config.speech_config._attn_implementation = config._attn_implementation
         self.backbone = Qwen2VLForConditionalGeneration._from_config(config.backbone_config)
         self.speech_encoder = WhisperEncoder._from_config(config.speech_config)
-        self.speech_projector = SpeechProjector(
-            encoder_dim=config.speech_config.d_model,
-            llm_dim=config.text_config.hidden_size,
-            k=settings.projector.k,
-            hidden_size=settings.projector.hidden_size,
-        )
+        # One projector per adapter, as in the reference, where each training stage (speech, long speech)
+        # brings its own projector along with its LoRA. With no adapters there is one, named "speech".
+        self.speech_projectors = nn.ModuleDict({
+            name: SpeechProjector(
+                encoder_dim=config.speech_config.d_model,
+                llm_dim=config.text_config.hidden_size,
+                k=settings.projector.k,
+                hidden_size=settings.projector.hidden_size,
+            )
+            for name in (list(settings.adapters) or [SPEECH_ADAPTER])
+        })
         self.adapters = LoraAdapters(self.language_model, settings.adapters)
         self.extractor_config: ExtractorConfig = settings.extractor
         self.post_init()
@@ -167,6 +172,19 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
             return {"backbone.lm_head.weight": "backbone.model.language_model.embed_tokens.weight"}
         return {}
 
+    def projector_for(self, adapter: str | None) -> SpeechProjector:
+        """The speech projector that goes with an adapter (the "speech" one when adapters are off)."""
+        if adapter in self.speech_projectors:
+            return self.speech_projectors[adapter]
+        if SPEECH_ADAPTER in self.speech_projectors:
+            return self.speech_projectors[SPEECH_ADAPTER]
+        return next(iter(self.speech_projectors.values()))
+
+    @property
+    def speech_projector(self) -> SpeechProjector:
+        """The projector of short speech (the "speech" adapter's)."""
+        return self.projector_for(SPEECH_ADAPTER)
+
     def set_extractor(self, extractor: ExtractorConfig) -> None:
         """Change the token extractor's settings at inference (e.g. keep_rate 0.5)."""
         self.extractor_config = extractor
@@ -184,15 +202,21 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         self.adapters.load(folder, name)
 
     # ---- encoders --------------------------------------------------------------------------------
-    def encode_speech(self, input_features: torch.Tensor, speech_token_counts: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_speech(
+        self,
+        input_features: torch.Tensor,
+        speech_token_counts: torch.Tensor | None = None,
+        adapter: str | None = SPEECH_ADAPTER,
+    ) -> torch.Tensor:
         """Speech windows -> LLM-width speech tokens.
 
         input_features (W, n_mels, 3000) log-mel of padded 30 s windows; speech_token_counts (W,) how many
-        tokens each window keeps (all 300 when None). Returns (sum(counts), D).
+        tokens each window keeps (all 300 when None); `adapter` picks the projector. Returns (sum(counts), D).
         """
         dtype = next(self.speech_encoder.parameters()).dtype
         frames = self.speech_encoder(input_features.to(dtype)).last_hidden_state  # (W, 1500, d_model)
-        tokens = self.speech_projector(frames.to(self.speech_projector.linear1.weight.dtype))  # (W, 300, D)
+        projector = self.projector_for(adapter)
+        tokens = projector(frames.to(projector.linear1.weight.dtype))  # (W, 300, D)
         if speech_token_counts is None:
             return tokens.reshape(-1, tokens.shape[-1])
         return keep_window_tokens(tokens, speech_token_counts)
@@ -211,10 +235,12 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         speech_token_counts: torch.Tensor | None = None,
         image_embeds: torch.Tensor | None = None,
         speech_embeds: torch.Tensor | None = None,
+        adapter: str | None = SPEECH_ADAPTER,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Token embeddings with image and speech features scattered into their placeholders.
 
-        Precomputed `image_embeds` / `speech_embeds` (N, D) may be given instead of raw inputs.
+        Precomputed `image_embeds` / `speech_embeds` (N, D) may be given instead of raw inputs; `adapter`
+        picks the speech projector.
         Returns (inputs_embeds (B, L, D), speech_embeds or None).
         """
         embeds = self.get_input_embeddings()(input_ids)
@@ -224,7 +250,7 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
             image_embeds = self.encode_images(pixel_values, image_grid_thw)
         embeds = _scatter(embeds, image_mask, image_embeds, "image", "<|image_pad|>")
         if speech_embeds is None and input_features is not None:
-            speech_embeds = self.encode_speech(input_features, speech_token_counts)
+            speech_embeds = self.encode_speech(input_features, speech_token_counts, adapter)
         embeds = _scatter(embeds, speech_mask, speech_embeds, "speech", "<|speech_pad|>")
         return embeds, speech_embeds
 
@@ -302,13 +328,14 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         device = input_ids.device
         valid = torch.ones(b, length, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
 
-        embeds, speech_embeds = self.embed_inputs(
-            input_ids, pixel_values, image_grid_thw, input_features, speech_token_counts, image_embeds, speech_embeds
-        )
         if adapter == AUTO:
             adapter = cache.adapter if cache is not None and cache.adapter is not None else None
             adapter = adapter or self.route_adapter(input_ids, speech_clip_windows)
         self.adapters.activate(adapter)
+        embeds, speech_embeds = self.embed_inputs(
+            input_ids, pixel_values, image_grid_thw, input_features, speech_token_counts, image_embeds, speech_embeds,
+            adapter=adapter,
+        )
 
         n_layers = len(self.language_model.layers)
         if cache is None and use_cache:

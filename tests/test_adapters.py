@@ -82,3 +82,13 @@ def test_adapter_round_trip_and_mismatch(model, tmp_path):
     assert torch.allclose(fresh(**inputs).logits, model(**inputs).logits, atol=1e-6)
     with pytest.raises(ValueError, match="r=8"):
         fresh.load_adapter(tmp_path / "long", "speech")  # speech adapter has r=4
+
+
+def test_each_adapter_has_its_own_projector(model):
+    assert set(model.speech_projectors) == {"speech", "long_speech"}
+    short, long = speech_inputs(40), speech_inputs(450, windows=2)
+    before_short, before_long = model(**short).logits, model(**long).logits
+    with torch.no_grad():
+        model.speech_projectors["long_speech"].linear2.bias.add_(1.0)
+    assert torch.equal(model(**short).logits, before_short)
+    assert not torch.allclose(model(**long).logits, before_long)
