@@ -57,8 +57,13 @@ def convert(lyra_dir: Path, qwen2vl: Path, whisper: Path, output: Path, dtype: s
 
     from lyra.convert import convert_release
 
+    from lyra.configuration import LyraConfig
+    from lyra.processing import LyraProcessor
+
     out = convert_release(lyra_dir, qwen2vl, whisper, output, dtype=getattr(torch, dtype) if dtype else None,
                           overwrite=overwrite)
+    # The processor comes from the base Qwen2-VL tokenizer (+ <|speech_pad|>) and the model's settings.
+    LyraProcessor.for_model(LyraConfig.from_pretrained(out), qwen2vl).save_pretrained(out)
     click.echo(f"converted model written to {out}")
 
 

@@ -14,7 +14,8 @@ The release is spread over several folders; `convert_release` reads them all and
         speech_lora/                   PEFT adapter of the "speech" stage:
             adapter_config.json          r, lora_alpha, lora_dropout, target_modules
             adapter_model.safetensors    (or .bin) base_model.model.model.layers.{i}.<proj>.lora_{A,B}.weight
-            non_lora_trainables.bin      torch.save dict: model.model.mm_speech_projector.linear{1,2}.{weight,bias}
+            non_lora_trainables.bin      torch.save dict: model.model.mm_speech_projector.linear{1,2}.{weight,bias},
+                                         the stage's own speech projector
         long_speech_lora/              the same for the "long_speech" stage
     qwen2vl_dir/                       the base Qwen2-VL checkpoint (HF Qwen2VLForConditionalGeneration)
     whisper_dir/                       the base Whisper checkpoint (HF WhisperForConditionalGeneration)
@@ -23,8 +24,8 @@ The output folder holds:
 
     config.json, model.safetensors    `LyraForConditionalGeneration.save_pretrained` (LLM from the release,
                                       vision tower from the release if it has one else from qwen2vl_dir,
-                                      Whisper encoder from whisper_dir, projector and both LoRA adapters)
-    long_speech_projector.safetensors only when both adapters exist and their projectors differ (see below)
+                                      Whisper encoder from whisper_dir, one speech projector and one LoRA
+                                      adapter per stage: speech_projectors.<name>.*, adapter <name>)
     speech_generator.safetensors      only when the release has generator weights: the tensors unchanged,
                                       keys `speech_generator.{input_proj,layers.N.*,output_proj}.*`
     conversion.json                   a `ConversionReport`: sources, tensors mapped per group, adapters, notes
@@ -59,7 +60,6 @@ logger = logging.getLogger(__name__)
 ADAPTER_FOLDERS = {"speech_lora": SPEECH_ADAPTER, "long_speech_lora": LONG_SPEECH_ADAPTER}
 NON_LORA_FILE = "non_lora_trainables.bin"  # per adapter folder: the stage's speech projector
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-LONG_SPEECH_PROJECTOR_FILE = "long_speech_projector.safetensors"
 SPEECH_GENERATOR_FILE = "speech_generator.safetensors"
 SPEECH_GENERATOR_SOURCES = ("speech_generator.safetensors", "speech_generator.bin")  # optional files in lyra_dir
 REPORT_FILE = "conversion.json"
@@ -98,12 +98,13 @@ class ConversionReport:
     """What `convert_release` did; written to `conversion.json` in the output folder.
 
     tensors: tensors mapped per group: "llm", "vision" (from the release) or "vision_base" (from qwen2vl_dir),
-        "speech_encoder", "projector", "adapter.<name>", "long_speech_projector", "speech_generator", and
-        "ignored.<what>" for release tensors deliberately not used (e.g. the release's Whisper copy).
+        "speech_encoder", "projector.<name>", "adapter.<name>", "speech_generator", and "ignored.<what>" for
+        release tensors deliberately not used (e.g. the release's Whisper copy).
     adapters: adapter name -> {"folder", "r", "alpha", "dropout", "targets"}.
-    projector: {"k", "hidden_size", "source"}: the speech projector inside the model.
+    projector: {"k", "hidden_size", "sources"}: the shared shape of the speech projectors and, per adapter
+        name, the file its projector (`model.speech_projectors[name]`) came from.
     files: files written next to the model (besides config.json / model weights / conversion.json).
-    notes: decisions worth knowing (e.g. which projector serves long speech).
+    notes: decisions worth knowing (e.g. where each projector came from, tensors left out).
     """
 
     output_dir: str
@@ -157,21 +158,19 @@ def convert_release(
         - config: the Qwen2-VL config of `qwen2vl_dir` and the Whisper config of `whisper_dir`; adapter r /
           alpha / dropout / targets from each adapter_config.json (`speech_lora/` -> "speech",
           `long_speech_lora/` -> "long_speech"; only those present, at least one); projector k and inner width
-          from the projector weights (linear1 takes d_model * k inputs). Speech windows keep all 300 tokens
-          (`trim_speech_padding=False`), as the reference does.
+          from the projector weights (linear1 takes d_model * k inputs), the same for every adapter's
+          projector. Speech windows keep all 300 tokens (`trim_speech_padding=False`), as the reference does.
         - LLM: every LLM weight from the release (`model.X` -> the backbone's `model.language_model.X`); the
           release must cover the whole LLM (lm_head may be absent when the base config ties it).
         - vision tower: the release's copy if it has one (`visual.*`, `model.visual.*` or the reference's
           `model.vision_tower.vision_tower.*`), else `qwen2vl_dir`'s.
         - Whisper encoder: always `whisper_dir`'s. A copy inside the release (`model.speech_tower.*`) is
           ignored, as the reference itself reloads the tower from its Whisper folder.
-        - projector: in the reference each stage has its own projector (`non_lora_trainables.bin` of its
-          adapter folder, swapped in together with the adapter). Our model has one projector: the "speech"
-          stage's (the long-speech stage's when only that adapter exists). When both stages' projectors
-          differ, the long-speech one is written to `long_speech_projector.safetensors` (keys
-          `linear1.weight`, ...; loadable into `model.speech_projector`) and a warning says so; until the
-          model carries one projector per adapter, long speech runs with the speech projector. A projector in
-          the main folder (`model.mm_speech_projector.*`, the stage-1 one) is ignored, as in the reference.
+        - projectors: as in the reference, each stage has its own projector (`non_lora_trainables.bin` of its
+          adapter folder, swapped in together with the adapter); it is loaded into
+          `model.speech_projectors[name]` for every adapter present. Both must have the same shape (one k and
+          inner width in the config). A projector in the main folder (`model.mm_speech_projector.*`, the
+          stage-1 one) is ignored, as in the reference.
         - speech generator: `speech_generator.*` tensors (main folder, or `speech_generator.safetensors` /
           `.bin` in `lyra_dir`) are copied unchanged to `output_dir/speech_generator.safetensors`, with the
           reference config's generator fields in `conversion.json`; the model imports the generator in a
@@ -179,9 +178,10 @@ def convert_release(
 
     Every failure is raised before anything is written: missing folders or files (FileNotFoundError),
     release tensors with no place in the model or model weights the release lacks (ConversionError listing a
-    few keys), shape mismatches (naming the key and both shapes), `output_dir` existing without `overwrite`
-    (FileExistsError). The output is written to a temporary folder beside `output_dir` and renamed into
-    place at the end. Memory: the base Qwen2-VL, the Lyra model and one release shard at a time.
+    few keys), shape mismatches (naming the key and both shapes), adapters' projectors of different shapes
+    (ConversionError naming both files), `output_dir` existing without `overwrite` (FileExistsError). The
+    output is written to a temporary folder beside `output_dir` and renamed into place at the end. Memory:
+    the base Qwen2-VL, the Lyra model and one release shard at a time.
     """
     lyra_dir, qwen2vl_dir, whisper_dir = Path(lyra_dir), Path(qwen2vl_dir), Path(whisper_dir)
     output_dir = Path(output_dir)
@@ -212,33 +212,22 @@ def convert_release(
     speech_config = WhisperConfig.from_pretrained(whisper_dir)
     d_model, llm_width = speech_config.d_model, backbone_config.text_config.hidden_size
 
-    model_projector_from = SPEECH_ADAPTER if SPEECH_ADAPTER in adapters else LONG_SPEECH_ADAPTER
-    projector = adapters[model_projector_from].projector
-    projector_source = adapters[model_projector_from].projector_file
-    k, hidden = _projector_shape(projector, projector_source, d_model, llm_width)
-    for name, adapter in adapters.items():
-        if name != model_projector_from:
-            _projector_shape(adapter.projector, adapter.projector_file, d_model, llm_width)
+    k, hidden = _projectors_shape(adapters, d_model, llm_width)
     _check_release_config(release_config, lyra_dir, k)
+    projector_sources = {name: str(a.projector_file) for name, a in adapters.items()}
+    notes.append(
+        "speech projectors, one per adapter: "
+        + "; ".join(f"{name} <- {a.projector_file}" for name, a in adapters.items())
+    )
+    projectors = [a.projector for a in adapters.values()]
+    if len(projectors) == 2 and _same_tensors(*projectors):
+        notes.append("the speech and long-speech adapters carry the same projector")
     if groups["main_projector"]:
         tensors["ignored.main_projector"] = len(groups["main_projector"])
         notes.append(
             f"the main folder's model.mm_speech_projector.* ({len(groups['main_projector'])} tensors, the stage-1 "
             f"projector) is ignored: each adapter folder's {NON_LORA_FILE} replaces it, as in the reference"
         )
-
-    long_projector = None
-    if len(adapters) == 2 and not _same_tensors(projector, adapters[LONG_SPEECH_ADAPTER].projector):
-        long_projector = adapters[LONG_SPEECH_ADAPTER].projector
-        message = (
-            f"the speech and long-speech adapters carry different projectors; the model's projector is the speech "
-            f"one ({projector_source}); the long-speech one ({adapters[LONG_SPEECH_ADAPTER].projector_file}) is "
-            f"written to {LONG_SPEECH_PROJECTOR_FILE} and is not used by the model yet"
-        )
-        logger.warning(message)
-        notes.append(message)
-    elif len(adapters) == 2:
-        notes.append("the speech and long-speech adapters carry the same projector")
 
     config = LyraConfig(
         backbone_config=backbone_config.to_dict(),
@@ -271,10 +260,9 @@ def convert_release(
             f"ignored; the encoder comes from {whisper_dir}, as the reference reloads it from its Whisper folder"
         )
 
-    model.speech_projector.load_state_dict(projector)
-    tensors["projector"] = len(projector)
-
     for name, adapter in adapters.items():
+        model.speech_projectors[name].load_state_dict(adapter.projector)
+        tensors[f"projector.{name}"] = len(adapter.projector)
         tensors[f"adapter.{name}"] = _load_adapter(model, name, adapter)
 
     if groups["buffers"]:
@@ -282,8 +270,6 @@ def convert_release(
     model = model.to(target_dtype).eval()
     if generator:
         tensors["speech_generator"] = len(generator)
-    if long_projector is not None:
-        tensors["long_speech_projector"] = len(long_projector)
 
     # ---- write ----------------------------------------------------------------------------------------------
     report = ConversionReport(
@@ -297,7 +283,7 @@ def convert_release(
         dtype=str(target_dtype).removeprefix("torch."),
         tensors=tensors,
         adapters={name: a.summary() for name, a in adapters.items()},
-        projector={"k": k, "hidden_size": hidden, "source": str(projector_source)},
+        projector={"k": k, "hidden_size": hidden, "sources": projector_sources},
         notes=notes,
     )
     if generator:
@@ -308,23 +294,11 @@ def convert_release(
             "config": {f: release_config[f] for f in GENERATOR_CONFIG_FIELDS if f in release_config},
         }
         report.files.append(SPEECH_GENERATOR_FILE)
-    if long_projector is not None:
-        report.files.append(LONG_SPEECH_PROJECTOR_FILE)
 
     def write(folder: Path) -> None:
         from safetensors.torch import save_file
 
         model.save_pretrained(folder)
-        if long_projector is not None:
-            save_file(
-                {k_: v.to(target_dtype).contiguous() for k_, v in long_projector.items()},
-                str(folder / LONG_SPEECH_PROJECTOR_FILE),
-                metadata={
-                    "format": "pt",
-                    "note": "speech projector of the reference's long-speech stage (long_speech_lora/"
-                    f"{NON_LORA_FILE}); keys as in LyraForConditionalGeneration.speech_projector",
-                },
-            )
         if generator:
             save_file(
                 {k_: v.contiguous() for k_, v in generator.items()},
@@ -454,6 +428,23 @@ def _read_projector(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _projectors_shape(adapters: Mapping[str, _ReleaseAdapter], d_model: int, llm_width: int) -> tuple[int, int]:
+    """(k, hidden_size) shared by every adapter's projector; each is checked, and all must agree (one config)."""
+    shapes = {
+        name: _projector_shape(a.projector, a.projector_file, d_model, llm_width) for name, a in adapters.items()
+    }
+    if len(set(shapes.values())) > 1:
+        described = "; ".join(
+            f"{adapters[name].projector_file} ({name!r}): {d_model}*{k} -> {hidden}"
+            for name, (k, hidden) in shapes.items()
+        )
+        raise ConversionError(
+            f"the adapters' speech projectors differ in shape ({described}); a Lyra model needs one k and one "
+            "hidden size for all its projectors: use adapter folders from the same release"
+        )
+    return next(iter(shapes.values()))
+
+
 def _projector_shape(
     projector: Mapping[str, torch.Tensor], path: Path, d_model: int, llm_width: int
 ) -> tuple[int, int]:
@@ -540,7 +531,7 @@ class _WeightFiles:
                     self._file_of[key] = path
                 return
             if (folder / single).exists():
-                for key in self._handle(folder / single).keys():
+                for key in self._handle(folder / single).keys():  # noqa: SIM118 (a safetensors handle or a dict)
                     self._file_of[key] = folder / single
                 return
         raise FileNotFoundError(

@@ -96,11 +96,5 @@ def _untrained_preset(device, dtype, attn) -> LoadedModel:
     model = LyraForConditionalGeneration(config)
     model.speech_encoder.load_state_dict(read_whisper_encoder_state(whisper))
     model = model.to(device=device, dtype=dtype or torch.float32).eval()
-    settings = config.settings.projector
-    processor = LyraProcessor.build(
-        assets.qwen2_tokenizer(),
-        n_mels=config.speech_config.num_mel_bins,
-        trim_speech_padding=settings.trim_speech_padding,
-        projector_k=settings.k,
-    )
+    processor = LyraProcessor.for_model(config, assets.qwen2_tokenizer())
     return LoadedModel(model=model, processor=processor, source=f"untrained {DEFAULT_PRESET} preset", trained=False)

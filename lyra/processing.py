@@ -183,6 +183,43 @@ class LyraProcessor:
             projector_k=projector_k,
         )
 
+    @classmethod
+    def for_model(cls, config, tokenizer_path: str | os.PathLike, **image_settings) -> LyraProcessor:
+        """The processor matching a `LyraConfig`: its mel bins, projector k and padding trim.
+
+        A tokenizer without ``<|speech_pad|>`` (a stock Qwen2-VL one) gets it added as a special token; its id
+        must equal ``config.speech_token_id`` (151657 right after Qwen2-VL's specials), else a clear error.
+        """
+        from tokenizers import AddedToken
+
+        projector = config.settings.projector
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+        if SPEECH_PAD_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(SPEECH_PAD_TOKEN, special=True, normalized=False)], special_tokens=True)
+        speech_id = tokenizer.convert_tokens_to_ids(SPEECH_PAD_TOKEN)
+        if speech_id != config.speech_token_id:
+            raise ValueError(
+                f"{tokenizer_path}: {SPEECH_PAD_TOKEN} has id {speech_id} but the model expects "
+                f"{config.speech_token_id}; use the tokenizer the model was trained with"
+            )
+        image_processor = Qwen2VLImageProcessorPil(
+            min_pixels=image_settings.get("min_pixels", DEFAULT_MIN_PIXELS),
+            max_pixels=image_settings.get("max_pixels", DEFAULT_MAX_PIXELS),
+        )
+        feature_extractor = WhisperFeatureExtractor(
+            feature_size=config.speech_config.num_mel_bins,
+            sampling_rate=SAMPLE_RATE,
+            hop_length=HOP_LENGTH,
+            chunk_length=WINDOW_SAMPLES // SAMPLE_RATE,
+        )
+        return cls(
+            tokenizer,
+            image_processor,
+            feature_extractor,
+            trim_speech_padding=projector.trim_speech_padding,
+            projector_k=projector.k,
+        )
+
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Tokenizer files in the folder, ``image_processor/`` and ``feature_extractor/`` below it, settings in
         ``lyra_processor.json`` (two sub-folders because both HF classes write ``preprocessor_config.json``)."""

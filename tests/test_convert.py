@@ -133,6 +133,12 @@ def release(tmp_path_factory):
             "projectors": projectors, "config": config}
 
 
+def release_projector(release, folder):
+    """A stage's projector as written in its non_lora_trainables.bin, keyed "linear1.weight", ..."""
+    state = torch.load(release["lyra"] / folder / "non_lora_trainables.bin", weights_only=True)
+    return {k.removeprefix("base_model.model.").removeprefix(PROJ): v for k, v in state.items()}
+
+
 def run(release, out, **kwargs):
     return convert_release(release["lyra"], release["root"] / "qwen2vl", release["root"] / "whisper", out, **kwargs)
 
@@ -148,10 +154,14 @@ def converted(release, tmp_path_factory):
 KEEP = 8  # compare the logits of the last positions (after every speech token) to keep the vocab matmul small
 
 
-def expected_logits(release, inputs, adapter_folder):
-    """Whisper encoder -> the speech projector (functional) -> plain Qwen2 LLM + PEFT's own adapter loader."""
+def expected_logits(release, inputs, adapter_folder, projector_folder=None):
+    """Whisper encoder -> a stage's speech projector (functional) -> plain Qwen2 LLM + PEFT's own adapter loader.
+
+    The projector is the one of `projector_folder`, by default the adapter's own (the speech stage's when
+    adapters are off), as the reference swaps both in together.
+    """
     whisper, llm = release["whisper"], release["llm"]
-    p = release["projectors"]["speech_lora"]
+    p = release["projectors"][projector_folder or adapter_folder or "speech_lora"]
     with torch.no_grad():
         frames = whisper.model.encoder(inputs["input_features"]).last_hidden_state  # (W, 1500, d_model)
         w, f, d = frames.shape
@@ -184,10 +194,13 @@ def test_weights_come_from_the_right_sources(release, converted):
         assert torch.equal(model.visual.state_dict()[key], value), key
     for key, value in release["whisper"].model.encoder.state_dict().items():
         assert torch.equal(model.speech_encoder.state_dict()[key], value), key
-    for key, value in release["projectors"]["speech_lora"].items():
-        assert torch.equal(model.speech_projector.state_dict()[key], value), key
-
+    assert set(model.speech_projectors) == {"speech", "long_speech"}
+    assert model.speech_projector is model.speech_projectors["speech"]
     for folder, name in (("speech_lora", "speech"), ("long_speech_lora", "long_speech")):
+        projector = model.speech_projectors[name].state_dict()
+        assert projector.keys() == release["projectors"][folder].keys()
+        for key, value in release["projectors"][folder].items():
+            assert torch.equal(projector[key], value), (name, key)
         theirs = load_file(str(release["lyra"] / folder / "adapter_model.safetensors"))
         mine = model.adapters.state_dict(name)
         assert len(mine) == len(theirs) == 2 * len(LORA_TARGETS) * release["config"].text_config.num_hidden_layers
@@ -210,11 +223,13 @@ def test_speech_forward_matches_peft_on_plain_qwen2(release, converted):
         off = model(**short, adapter=None, logits_to_keep=KEEP).logits
         assert torch.allclose(off, expected_logits(release, short, None), atol=1e-5)
         assert not torch.allclose(off, out.logits, atol=1e-3)
-        # long speech routes to the long-speech adapter (with the model's one projector, see convert_release)
+        # long speech routes to the long-speech adapter together with the long-speech stage's own projector
         long = speech_inputs(310, windows=2)
         out = model(**long, logits_to_keep=KEEP)
         assert out.adapter == "long_speech"
         assert torch.allclose(out.logits, expected_logits(release, long, "long_speech_lora"), atol=1e-5)
+        wrong = expected_logits(release, long, "long_speech_lora", projector_folder="speech_lora")
+        assert not torch.allclose(out.logits, wrong, atol=1e-3)
 
 
 def test_side_files_and_report(release, converted):
@@ -223,45 +238,55 @@ def test_side_files_and_report(release, converted):
     assert generator.keys() == GENERATOR.keys()
     for key, value in generator.items():
         assert torch.equal(value, release["main"][key])
-    long = load_file(str(path / "long_speech_projector.safetensors"))
-    for key, value in release["projectors"]["long_speech_lora"].items():
-        assert torch.equal(long[key], value)
 
     report = ConversionReport.load(path)
     layers = release["config"].text_config.num_hidden_layers
     per_adapter = 2 * len(LORA_TARGETS) * layers
     assert report.tensors["llm"] == 12 * layers + 2  # embed + norm (+ lm_head when untied)
     assert report.tensors["adapter.speech"] == report.tensors["adapter.long_speech"] == per_adapter
-    assert report.tensors["projector"] == report.tensors["long_speech_projector"] == 4
+    assert report.tensors["projector.speech"] == report.tensors["projector.long_speech"] == 4
     assert report.tensors["speech_generator"] == len(GENERATOR)
     assert report.tensors["ignored.main_projector"] == 4
     assert report.tensors["vision_base"] > 0 and "vision" not in report.tensors
     assert report.speech_generator["config"]["ctc_decoder_config"] == "(2,4096,32,11008)"
     assert set(report.adapters) == {"speech", "long_speech"}
     assert report.adapters["long_speech"]["r"] == 6
-    assert any("long_speech_projector.safetensors" in note for note in report.notes)
+    assert report.files == ["speech_generator.safetensors"]
+    sources = {name: str(release["lyra"] / folder / "non_lora_trainables.bin")
+               for folder, name in (("speech_lora", "speech"), ("long_speech_lora", "long_speech"))}
+    assert report.projector == {"k": 5, "hidden_size": 64, "sources": sources}
+    assert any(all(source in note for source in sources.values()) for note in report.notes)
     assert report.sources["lyra"] == str(release["lyra"])
     assert report.dtype == "float32"  # dtype=None keeps the release's
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temp folders left
 
 
-def test_different_projectors_warn(release, tmp_path, caplog):
+def test_long_speech_adapter_alone(release, tmp_path, caplog):
     lyra = tmp_path / "Lyra_Tiny"
     shutil.copytree(release["lyra"], lyra)
-    shutil.rmtree(lyra / "speech_lora")  # long speech alone: its projector is the model's, nothing to warn about
+    shutil.rmtree(lyra / "speech_lora")
     rel = dict(release, lyra=lyra)
     with caplog.at_level(logging.WARNING, logger="lyra.convert"):
         out = run(rel, tmp_path / "out")
     assert not caplog.records
-    assert not (out / "long_speech_projector.safetensors").exists()
     model = LyraForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
     assert model.adapters.names == ["long_speech"]
+    assert list(model.speech_projectors) == ["long_speech"]
     for key, value in release["projectors"]["long_speech_lora"].items():
-        assert torch.equal(model.speech_projector.state_dict()[key], value)
+        assert torch.equal(model.projector_for("long_speech").state_dict()[key], value), key
+    report = ConversionReport.load(out)
+    assert set(report.projector["sources"]) == {"long_speech"} and "projector.speech" not in report.tensors
 
-    with caplog.at_level(logging.WARNING, logger="lyra.convert"):
-        run(release, tmp_path / "both")
-    assert any("different projectors" in r.getMessage() for r in caplog.records)
+
+def test_identical_projectors_are_noted(broken):
+    rel, out = broken
+    shutil.copy(rel["lyra"] / "speech_lora" / "non_lora_trainables.bin",
+                rel["lyra"] / "long_speech_lora" / "non_lora_trainables.bin")
+    run(rel, out)
+    model = LyraForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
+    for key, value in release_projector(rel, "speech_lora").items():
+        assert torch.equal(model.speech_projectors["long_speech"].state_dict()[key], value), key
+    assert "the speech and long-speech adapters carry the same projector" in ConversionReport.load(out).notes
 
 
 def test_overwrite_and_dtype(release, tmp_path):
@@ -360,6 +385,19 @@ def test_projector_with_wrong_shape(broken):
     state[PROJ + "linear1.weight"] = torch.zeros(64, 47 * 5)  # not a multiple of Whisper's d_model 48
     torch.save(state, path)
     with pytest.raises(ConversionError, match="multiple of the Whisper d_model 48"):
+        run(rel, out)
+    assert_nothing_written(out)
+
+
+def test_projectors_of_different_shapes(broken):
+    rel, out = broken
+    path = rel["lyra"] / "long_speech_lora" / "non_lora_trainables.bin"
+    d_model, width = rel["config"].speech_config.d_model, rel["config"].text_config.hidden_size
+    torch.save(random_projector(torch.Generator().manual_seed(3), d_model * 5, 32, width), path)
+    with pytest.raises(ConversionError, match=r"projectors differ in shape.*speech_lora.*-> 64.*long_speech_lora.*-> 32"):
+        run(rel, out)
+    torch.save(random_projector(torch.Generator().manual_seed(3), d_model * 4, 64, width), path)
+    with pytest.raises(ConversionError, match=r"projectors differ in shape.*48\*5 -> 64.*48\*4 -> 64"):
         run(rel, out)
     assert_nothing_written(out)
 

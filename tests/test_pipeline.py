@@ -67,3 +67,36 @@ def test_demo_command_runs():
     assert "answer:" in result.output
     assert "adapter: speech" in result.output
     assert "spoken by espeak-ng" in result.output
+
+
+def stock_qwen2vl_tokenizer(folder):
+    """Our tokenizer folder minus <|speech_pad|>: what a stock Qwen2-VL checkpoint ships."""
+    import json
+    import shutil
+
+    shutil.copytree(assets.qwen2_tokenizer(), folder)
+    for name, key in (("tokenizer.json", "added_tokens"),):
+        data = json.loads((folder / name).read_text())
+        data[key] = [t for t in data[key] if t["content"] != "<|speech_pad|>"]
+        (folder / name).write_text(json.dumps(data))
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [t for t in config["extra_special_tokens"] if t != "<|speech_pad|>"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_processor_for_model_adds_the_speech_token(tmp_path):
+    from transformers import AutoTokenizer
+
+    stock = stock_qwen2vl_tokenizer(tmp_path / "stock")
+    assert "<|speech_pad|>" not in AutoTokenizer.from_pretrained(stock).get_vocab()
+    config = build_config("mini")
+    processor = LyraProcessor.for_model(config, stock)
+    assert processor.speech_token_id == 151657
+    assert processor.feature_extractor.feature_size == 128 and not processor.trim_speech_padding
+    processor.save_pretrained(tmp_path / "saved")
+    again = LyraProcessor.from_pretrained(tmp_path / "saved")
+    assert again("<speech>", audios=[np.zeros(16000, dtype=np.float32)])["input_ids"].eq(151657).sum() == 300
+    config.speech_token_id = 151700
+    with pytest.raises(ValueError, match="expects 151700"):
+        LyraProcessor.for_model(config, stock)
