@@ -618,10 +618,29 @@ def load_backbone_state(model: LyraForConditionalGeneration, state: Mapping[str,
         model.backbone.lm_head.weight = model.get_input_embeddings().weight
 
 
+WHISPER_ENCODER_PREFIXES = ("model.encoder.", "encoder.")  # WhisperForConditionalGeneration, WhisperModel
+
+
 def read_whisper_encoder_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The encoder weights of a Whisper checkpoint folder (keys relative to `WhisperEncoder`)."""
+    """The encoder weights of a Whisper checkpoint (keys relative to `WhisperEncoder`), as float32.
+
+    Safetensors folders are read tensor by tensor, so the decoder (half of large-v3) is never loaded;
+    anything else (a .bin checkpoint, a hub id) goes through `WhisperModel.from_pretrained`.
+    """
+    from safetensors import safe_open
+
+    folder = Path(path)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                for prefix in WHISPER_ENCODER_PREFIXES:
+                    if key.startswith(prefix):
+                        state[key[len(prefix):]] = f.get_tensor(key).float()
+    if state:
+        return state
     from transformers import WhisperModel
 
-    whisper = WhisperModel.from_pretrained(path, dtype=torch.float32)
-    return whisper.encoder.state_dict()
+    return WhisperModel.from_pretrained(path, dtype=torch.float32).encoder.state_dict()
 
