@@ -133,12 +133,6 @@ def release(tmp_path_factory):
             "projectors": projectors, "config": config}
 
 
-def release_projector(release, folder):
-    """A stage's projector as written in its non_lora_trainables.bin, keyed "linear1.weight", ..."""
-    state = torch.load(release["lyra"] / folder / "non_lora_trainables.bin", weights_only=True)
-    return {k.removeprefix("base_model.model.").removeprefix(PROJ): v for k, v in state.items()}
-
-
 def run(release, out, **kwargs):
     return convert_release(release["lyra"], release["root"] / "qwen2vl", release["root"] / "whisper", out, **kwargs)
 
@@ -284,7 +278,7 @@ def test_identical_projectors_are_noted(broken):
                 rel["lyra"] / "long_speech_lora" / "non_lora_trainables.bin")
     run(rel, out)
     model = LyraForConditionalGeneration.from_pretrained(out, attn_implementation="eager")
-    for key, value in release_projector(rel, "speech_lora").items():
+    for key, value in rel["projectors"]["speech_lora"].items():
         assert torch.equal(model.speech_projectors["long_speech"].state_dict()[key], value), key
     assert "the speech and long-speech adapters carry the same projector" in ConversionReport.load(out).notes
 
@@ -394,7 +388,8 @@ def test_projectors_of_different_shapes(broken):
     path = rel["lyra"] / "long_speech_lora" / "non_lora_trainables.bin"
     d_model, width = rel["config"].speech_config.d_model, rel["config"].text_config.hidden_size
     torch.save(random_projector(torch.Generator().manual_seed(3), d_model * 5, 32, width), path)
-    with pytest.raises(ConversionError, match=r"projectors differ in shape.*speech_lora.*-> 64.*long_speech_lora.*-> 32"):
+    shapes = r"projectors differ in shape.*speech_lora.*-> 64.*long_speech_lora.*-> 32"
+    with pytest.raises(ConversionError, match=shapes):
         run(rel, out)
     torch.save(random_projector(torch.Generator().manual_seed(3), d_model * 4, 64, width), path)
     with pytest.raises(ConversionError, match=r"projectors differ in shape.*48\*5 -> 64.*48\*4 -> 64"):
