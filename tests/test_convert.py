@@ -440,3 +440,36 @@ def test_unsupported_adapter_options(broken):
     with pytest.raises(ConversionError, match="fc1"):
         run(rel, out)
     assert_nothing_written(out)
+
+
+def test_cli_convert_writes_a_loadable_model_folder(release, tmp_path):
+    """`lyra convert` + the stock Qwen2-VL tokenizer -> a folder `--model` and load_pretrained accept."""
+    import shutil
+
+    import numpy as np
+    from click.testing import CliRunner
+    from test_pipeline import stock_qwen2vl_tokenizer
+
+    from lyra.cli import main
+    from lyra.pretrained import load_pretrained
+
+    base = tmp_path / "qwen2vl"
+    shutil.copytree(release["root"] / "qwen2vl", base)
+    stock_qwen2vl_tokenizer(tmp_path / "tok")
+    for f in (tmp_path / "tok").iterdir():
+        shutil.copy(f, base / f.name)
+    out = tmp_path / "converted"
+    args = ["convert", "--lyra", str(release["lyra"]), "--qwen2vl", str(base), "--whisper",
+            str(release["root"] / "whisper"), "-o", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    loaded = load_pretrained(out, attn_implementation="eager")
+    assert loaded.trained and loaded.processor.speech_token_id == loaded.model.config.speech_token_id
+    assert loaded.processor.feature_extractor.feature_size == loaded.model.config.speech_config.num_mel_bins
+    prompt = loaded.processor.apply_chat_template([{"role": "user", "content": "<speech>\nWhat was said?"}])
+    inputs = loaded.processor(prompt, audios=[np.zeros(16000 * 3, dtype=np.float32)])
+    gen = loaded.model.generate(dict(inputs), max_new_tokens=2)
+    assert gen.sequences.shape == (1, 2) and gen.cache.adapter == "speech"
+    # a second run refuses to overwrite
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code != 0 and "exists" in str(again.exception) + again.output
