@@ -20,7 +20,7 @@ import soxr
 
 from lyra.constants import SAMPLE_RATE, WINDOW_SAMPLES
 
-__all__ = ["AudioArray", "AudioError", "AudioSource", "load_audio", "split_windows", "SUPPORTED_FORMATS"]
+__all__ = ["SUPPORTED_FORMATS", "AudioArray", "AudioError", "AudioSource", "load_audio", "split_windows"]
 
 # What libsndfile decodes, by the names users know; listed in "unsupported format" errors.
 SUPPORTED_FORMATS = "WAV, FLAC, OGG (Vorbis/Opus), MP3, AIFF, AU, CAF, W64, RF64"

@@ -55,9 +55,8 @@ def convert(lyra_dir: Path, qwen2vl: Path, whisper: Path, output: Path, dtype: s
     """Convert an official Lyra release (+ its base Qwen2-VL and Whisper) into a Lyra model folder."""
     import torch
 
-    from lyra.convert import convert_release
-
     from lyra.configuration import LyraConfig
+    from lyra.convert import convert_release
     from lyra.processing import LyraProcessor
 
     out = convert_release(lyra_dir, qwen2vl, whisper, output, dtype=getattr(torch, dtype) if dtype else None,

@@ -175,13 +175,13 @@ def _coerce(value, cls, default):
 
 
 __all__ = [
+    "LONG_SPEECH_ADAPTER",
+    "LORA_TARGETS",
+    "SPEECH_ADAPTER",
+    "ExtractorConfig",
+    "LcmrConfig",
+    "LoraAdapterConfig",
     "LyraConfig",
     "LyraSettings",
     "ProjectorConfig",
-    "LoraAdapterConfig",
-    "LcmrConfig",
-    "ExtractorConfig",
-    "SPEECH_ADAPTER",
-    "LONG_SPEECH_ADAPTER",
-    "LORA_TARGETS",
 ]

@@ -357,7 +357,7 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
             | (input_ids == self.backbone.config.video_token_id)
             | (input_ids == self.config.speech_token_id)
         )
-        hidden, chunk_valid, token_index, labels_out, new_key_valid = self._decoder(
+        hidden, _, token_index, labels_out, new_key_valid = self._decoder(
             embeds, positions, valid, mm_mask, labels, cache
         )
         hidden = self.language_model.norm(hidden)

@@ -43,7 +43,7 @@ from lyra.constants import (
     WINDOW_SAMPLES,
 )
 
-__all__ = ["ImageError", "LyraProcessor", "PromptError", "DEFAULT_MIN_PIXELS", "DEFAULT_MAX_PIXELS"]
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_MIN_PIXELS", "ImageError", "LyraProcessor", "PromptError"]
 
 DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2-VL's default lower bound on resized image area (pixels)
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280  # Qwen2-VL's default upper bound: at most 1280 image tokens

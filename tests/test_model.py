@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import IMAGE, SPEECH, image_inputs, speech_inputs
 from conftest import tiny_config
+from helpers import IMAGE, SPEECH, image_inputs, speech_inputs
 from transformers import Qwen2VLForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration
 
 from lyra import LyraForConditionalGeneration
