@@ -37,6 +37,10 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GNU OpenMP spin-waits at barriers by default; when another job holds one of the cores, the spinning
+# thread starves the working one (a 4-layer prefill went from 0.13 s to 2.8 s here). Passive waiting
+# keeps timings meaningful on a shared machine. Set before torch is imported; workers inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -219,31 +223,47 @@ def matmul_probe(reps: int = 3) -> dict:
     return out
 
 
-def worker(spec: dict) -> dict:
-    """Build the model, prefill `runs` times under one extractor setting, return the measurements."""
+def worker(spec: dict) -> list[dict]:
+    """Build the model once, then for each extractor setting in `spec["cases"]` prefill `runs` times.
+
+    Normally a worker gets one case (a fresh process per configuration); `--shared-process` gives it all
+    of a model's cases, with the RSS high-water mark reset before each.
+    """
+    import torch
+
+    plan = ModelPlan(**spec["plan"])
+    t0 = time.perf_counter()
+    model = build_model(plan, spec["attn"])
+    dtype = getattr(torch, plan.dtype)
+    inputs = make_inputs(model.config, spec["minutes"], spec["question_tokens"], dtype)
+    build_s = time.perf_counter() - t0
+    results = []
+    for i, case in enumerate(Case(**c) for c in spec["cases"]):
+        result = measure_case(model, plan, case, inputs, spec)
+        result["build_s"] = build_s
+        if i == 0 and spec.get("encoder_windows"):
+            with torch.inference_mode():
+                result["encoder_s"] = time_encoder(model, spec["encoder_windows"], spec["encoder_runs"])
+        results.append(result)
+    return results
+
+
+def measure_case(model, plan: ModelPlan, case: Case, inputs: dict, spec: dict) -> dict:
+    """Warm-up, then `plan.runs` timed prefills under one extractor setting; times, tokens, memory."""
     import torch
 
     from lyra import ExtractorConfig
 
-    plan = ModelPlan(**spec["plan"])
-    case = Case(**spec["case"])
-    t0 = time.perf_counter()
-    model = build_model(plan, spec["attn"])
-    inputs = make_inputs(model.config, spec["minutes"], spec["question_tokens"], getattr(torch, plan.dtype))
+    dtype = getattr(torch, plan.dtype)
     model.set_extractor(ExtractorConfig(gap=case.gap, keep_rate=case.keep_rate, min_keep=spec["min_keep"]))
-    build_s = time.perf_counter() - t0
     gc.collect()
     loaded = rss_bytes()
     peak_reset = reset_peak_rss()
-    speech_id = model.config.speech_token_id
-    is_speech = inputs["input_ids"][0] == speech_id
-
-    result = {"build_s": build_s, "loaded_rss": loaded, "times": [], "loadavg_start": os.getloadavg()[0]}
+    is_speech = inputs["input_ids"][0] == model.config.speech_token_id
+    result = {"loaded_rss": loaded, "times": [], "loadavg_start": os.getloadavg()[0]}
     with torch.inference_mode():
         if plan.warmup != "none":
-            warm = inputs if plan.warmup == "full" else make_inputs(
-                model.config, 0.5, spec["question_tokens"], getattr(torch, plan.dtype)
-            )
+            warm = inputs if plan.warmup == "full" else make_inputs(model.config, 0.5, spec["question_tokens"], dtype)
             out = model(**warm, use_cache=True, logits_to_keep=1)
             del out
         for _ in range(plan.runs):
@@ -272,28 +292,26 @@ def worker(spec: dict) -> dict:
     result["adapter"] = model.route_adapter(inputs["input_ids"])
     result["n_layers"] = len(model.language_model.layers)
     with torch.inference_mode():
-        result.update(lm_head_probe(model, result["tokens_last"], getattr(torch, plan.dtype)))
-    if spec.get("encoder_windows"):
-        with torch.inference_mode():
-            result["encoder_s"] = time_encoder(model, spec["encoder_windows"], spec["encoder_runs"])
+        result.update(lm_head_probe(model, result["tokens_last"], dtype))
     return result
 
 
 # --------------------------------------------------------------------------------------------------
-# Driver: one subprocess per (model, case), then the table and the docs section.
+# Driver: one subprocess per (model, case) (or per model), then the table and the docs section.
 # --------------------------------------------------------------------------------------------------
-def run_case(spec: dict) -> dict:
-    """Run one configuration in a fresh interpreter and parse its result line."""
+def run_worker(spec: dict) -> list[dict]:
+    """Run one worker in a fresh interpreter and parse its result line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
-        raise RuntimeError(f"worker failed (exit {proc.returncode}) for {spec['plan']['name']} {spec['case']}")
-    result = json.loads(lines[-1][len(RESULT_PREFIX):])
-    result["wall_s"] = time.perf_counter() - t0
-    return result
+        raise RuntimeError(f"worker failed (exit {proc.returncode}) for {spec['plan']['name']} {spec['cases']}")
+    results = json.loads(lines[-1][len(RESULT_PREFIX):])
+    for r in results:
+        r["wall_s"] = (time.perf_counter() - t0) / len(results)
+    return results
 
 
 def default_gap(n_layers: int) -> int:
@@ -332,6 +350,7 @@ def machine_info() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
     }
 
 
@@ -395,6 +414,10 @@ def docs_section(args, info: dict, rows: list[dict], encoder: dict, started: str
         ) + "\n"
     loads = [r["loadavg_start"] for r in rows] + [r["loadavg_end"] for r in rows]
     gf = info.get("gflops", {})
+    isolation = (
+        "all configurations of a model in one process (`--shared-process`), the RSS high-water mark reset before each"
+        if args.shared_process else "each configuration in its own fresh process"
+    )
     head = "".join(
         f"- Included in every {name} row: the LM head on the last position, `hidden[:, -1:]`, took"
         f" {r['head_slice_s']:.2f} s ({r['dtype']}), the same row re-viewed with standard strides"
@@ -412,20 +435,20 @@ Written by `bench/bench_extractor.py` on {started} (whole run {elapsed / 60:.1f}
 ```
 
 Machine: {info['cpu']} ({info['flags']}), {info['cores']} cores, {info['ram_gib']:.1f} GiB RAM, torch {info['torch']}
-({info['threads']} threads), transformers {info['transformers']}, Python {info['python']}. Load average during the
+({info['threads']} threads, OMP_WAIT_POLICY={info['omp_wait_policy']}), transformers {info['transformers']}, Python {info['python']}. Load average during the
 runs {min(loads):.1f}-{max(loads):.1f} (other jobs shared the CPU, so timings carry some noise).
 
 Prompt: {len(HEADER)} header tokens, {minutes:g} min of speech = {n_speech} `<|speech_pad|>` tokens, then
 {args.question_tokens} question tokens (question + chat-template tail; these are the extractor's text queries).
 Measured: one `model(input_ids, speech_embeds=..., use_cache=True, logits_to_keep=1)` call, the prefill of
-`stream_generate`, under `torch.inference_mode()`; each configuration in its own process.
+`stream_generate`, under `torch.inference_mode()`; {isolation}.
 
 {table(rows)}
 
 - speed-up = baseline median / median, peak ratio = peak RSS / baseline peak RSS, both against keep_rate 1.0 with
   gap 0 (extractor off) of the same model in the same run. "tokens at last layer" is the sequence the last decoder
   layer saw (and cached); "speech kept" counts speech tokens among them.
-- Peak RSS is the process's high-water mark from the end of loading to the end of the runs
+- Peak RSS is the process's high-water mark from the end of loading (model + inputs) to the end of the runs
   ({rows[0]['peak_source']}); "peak - loaded" is its rise above the RSS right after loading (weights + inputs).
   KV cache MB = bytes of every layer's keys and values after the prefill (layers after a pruning point hold fewer).
 - Speech enters as precomputed random embeddings (`speech_embeds=`): the Whisper encoder and projector run once
@@ -472,11 +495,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true", help="print only; do not touch the docs file")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement as JSON here")
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: 1 minute, nano only, 1 run, no encoder timing, docs untouched")
+                   help="smoke test: 1 minute, nano only, 1 run, one shared process, no encoder timing, docs untouched")
+    p.add_argument("--shared-process", action="store_true",
+                   help="run all of a model's configurations in one process (faster; peaks then share an allocator)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
         args.minutes, args.models, args.runs, args.no_encoder, args.no_docs = 1.0, "nano", 1, True, True
+        args.shared_process = True
     return args
 
 
@@ -509,27 +535,30 @@ def main(argv=None) -> int:
         cases = [Case(1.0, 0)] + ([] if args.no_overhead else [Case(1.0, gap)]) + [Case(k, gap) for k in keep_rates]
         print(f"# {name}: {n_layers} layers, gap {gap} (prune after layers "
               f"{[i for i in range(n_layers - 1) if (i + 1) % gap == 0]}), {plan.dtype}, {plan.runs} run(s)", flush=True)
+        spec = {"plan": asdict(plan), "minutes": args.minutes, "attn": args.attn,
+                "question_tokens": args.question_tokens, "min_keep": args.min_keep}
+        if name == "nano" and not args.no_encoder:
+            spec.update(encoder_windows=round(args.minutes * WINDOWS_PER_MINUTE), encoder_runs=args.runs)
+        groups = [cases] if args.shared_process else [[c] for c in cases]
         base = None
-        for case in cases:
-            spec = {"plan": asdict(plan), "case": asdict(case), "minutes": args.minutes, "attn": args.attn,
-                    "question_tokens": args.question_tokens, "min_keep": args.min_keep}
-            if name == "nano" and case.gap == 0 and not args.no_encoder:
-                spec.update(encoder_windows=round(args.minutes * WINDOWS_PER_MINUTE), encoder_runs=args.runs)
-            r = run_case(spec)
-            r.update(model=name, dtype=plan.dtype, keep_rate=case.keep_rate, gap=case.gap, warmup=plan.warmup,
-                     median_s=statistics.median(r["times"]))
-            base = base or r
-            r["speedup"] = base["median_s"] / r["median_s"]
-            r["peak_ratio"] = r["peak_rss"] / base["peak_rss"]
-            if "encoder_s" in r:
-                encoder[name] = {"windows": spec["encoder_windows"], "seconds": r["encoder_s"]}
-            rows.append(r)
-            print(f"  keep {case.keep_rate:g} gap {case.gap}: median {r['median_s']:.2f} s {['%.2f' % t for t in r['times']]}"
-                  f" speed-up {r['speedup']:.2f}x, tokens {r['tokens_in']} -> {r['tokens_last']}"
-                  f" (speech {r['speech_last']}), peak {fmt_gib(r['peak_rss'])} GiB"
-                  f" (+{fmt_gib(r['peak_rss'] - r['loaded_rss'])}), KV {r['kv_bytes'] / 1e6:.1f} MB,"
-                  f" lm_head {r['head_slice_s']:.2f} s (re-viewed {r['head_reshape_s']:.3f} s),"
-                  f" build {r['build_s']:.1f} s, process {r['wall_s']:.0f} s", flush=True)
+        for group in groups:
+            for case, r in zip(group, run_worker({**spec, "cases": [asdict(c) for c in group]})):
+                spec.pop("encoder_windows", None)  # the encoder is timed once per model
+                r.update(model=name, dtype=plan.dtype, keep_rate=case.keep_rate, gap=case.gap, warmup=plan.warmup,
+                         median_s=statistics.median(r["times"]), shared_process=args.shared_process)
+                base = base or r
+                r["speedup"] = base["median_s"] / r["median_s"]
+                r["peak_ratio"] = r["peak_rss"] / base["peak_rss"]
+                if "encoder_s" in r:
+                    encoder[name] = {"windows": round(args.minutes * WINDOWS_PER_MINUTE), "seconds": r["encoder_s"]}
+                rows.append(r)
+                print(f"  keep {case.keep_rate:g} gap {case.gap}: median {r['median_s']:.2f} s"
+                      f" {['%.2f' % t for t in r['times']]} speed-up {r['speedup']:.2f}x,"
+                      f" tokens {r['tokens_in']} -> {r['tokens_last']} (speech {r['speech_last']}),"
+                      f" peak {fmt_gib(r['peak_rss'])} GiB (+{fmt_gib(r['peak_rss'] - r['loaded_rss'])}),"
+                      f" KV {r['kv_bytes'] / 1e6:.1f} MB, lm_head {r['head_slice_s']:.2f} s"
+                      f" (re-viewed {r['head_reshape_s']:.3f} s), build {r['build_s']:.1f} s,"
+                      f" process {r['wall_s']:.0f} s", flush=True)
     elapsed = time.perf_counter() - t_start
     print()
     print(table(rows))

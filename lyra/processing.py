@@ -165,9 +165,13 @@ class LyraProcessor:
         max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> LyraProcessor:
         """A processor from a local tokenizer folder and the speech encoder's mel-bin count (80 or 128)."""
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+        return cls._assemble(tokenizer, n_mels, trim_speech_padding, projector_k, min_pixels, max_pixels)
+
+    @classmethod
+    def _assemble(cls, tokenizer, n_mels, trim_speech_padding, projector_k, min_pixels, max_pixels) -> LyraProcessor:
         if not 0 < min_pixels <= max_pixels:
             raise ValueError(f"need 0 < min_pixels <= max_pixels, got min_pixels={min_pixels}, max_pixels={max_pixels}")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         image_processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
         feature_extractor = WhisperFeatureExtractor(
             feature_size=n_mels,
@@ -184,7 +188,14 @@ class LyraProcessor:
         )
 
     @classmethod
-    def for_model(cls, config, tokenizer_path: str | os.PathLike, **image_settings) -> LyraProcessor:
+    def for_model(
+        cls,
+        config,
+        tokenizer_path: str | os.PathLike,
+        *,
+        min_pixels: int = DEFAULT_MIN_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> LyraProcessor:
         """The processor matching a `LyraConfig`: its mel bins, projector k and padding trim.
 
         A tokenizer without ``<|speech_pad|>`` (a stock Qwen2-VL one) gets it added as a special token; its id
@@ -192,7 +203,6 @@ class LyraProcessor:
         """
         from tokenizers import AddedToken
 
-        projector = config.settings.projector
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
         if SPEECH_PAD_TOKEN not in tokenizer.get_vocab():
             tokenizer.add_tokens([AddedToken(SPEECH_PAD_TOKEN, special=True, normalized=False)], special_tokens=True)
@@ -202,22 +212,10 @@ class LyraProcessor:
                 f"{tokenizer_path}: {SPEECH_PAD_TOKEN} has id {speech_id} but the model expects "
                 f"{config.speech_token_id}; use the tokenizer the model was trained with"
             )
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=image_settings.get("min_pixels", DEFAULT_MIN_PIXELS),
-            max_pixels=image_settings.get("max_pixels", DEFAULT_MAX_PIXELS),
-        )
-        feature_extractor = WhisperFeatureExtractor(
-            feature_size=config.speech_config.num_mel_bins,
-            sampling_rate=SAMPLE_RATE,
-            hop_length=HOP_LENGTH,
-            chunk_length=WINDOW_SAMPLES // SAMPLE_RATE,
-        )
-        return cls(
-            tokenizer,
-            image_processor,
-            feature_extractor,
-            trim_speech_padding=projector.trim_speech_padding,
-            projector_k=projector.k,
+        projector = config.settings.projector
+        return cls._assemble(
+            tokenizer, config.speech_config.num_mel_bins, projector.trim_speech_padding, projector.k,
+            min_pixels, max_pixels,
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:

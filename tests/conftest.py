@@ -29,6 +29,20 @@ def tiny_config(attn: str = "eager", **overrides):
     return config
 
 
+def save_base_checkpoints(config, folder, seed: int = 0):
+    """Random plain HF Qwen2-VL and Whisper checkpoints of `config`'s shapes in folder/qwen2vl, folder/whisper."""
+    from transformers import Qwen2VLForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    qwen = Qwen2VLForConditionalGeneration(config.backbone_config).eval()
+    qwen.save_pretrained(folder / "qwen2vl")
+    whisper_config = WhisperConfig(**config.speech_config.to_dict())
+    whisper_config._attn_implementation = "eager"
+    whisper = WhisperForConditionalGeneration(whisper_config).eval()
+    whisper.save_pretrained(folder / "whisper")
+    return qwen, whisper
+
+
 def randomize_lora(model, seed: int = 0):
     """Give every LoRA B matrix non-zero weights so adapters change outputs."""
     g = torch.Generator().manual_seed(seed)

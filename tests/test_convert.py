@@ -15,15 +15,13 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
+from conftest import save_base_checkpoints, tiny_config
 from helpers import SPEECH, speech_inputs
 from safetensors.torch import load_file, save_file
 from transformers import (
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen2VLForConditionalGeneration,
-    WhisperConfig,
-    WhisperForConditionalGeneration,
 )
 
 from lyra import LyraForConditionalGeneration
@@ -89,13 +87,7 @@ def release(tmp_path_factory):
     """Base Qwen2-VL + base Whisper + a release folder laid out like dvlab-research/Lyra's."""
     root = tmp_path_factory.mktemp("release")
     config = tiny_config()
-    torch.manual_seed(0)
-    qwen = Qwen2VLForConditionalGeneration(config.backbone_config).eval()
-    qwen.save_pretrained(root / "qwen2vl")
-    whisper_config = WhisperConfig(**config.speech_config.to_dict())
-    whisper_config._attn_implementation = "eager"
-    whisper = WhisperForConditionalGeneration(whisper_config).eval()
-    whisper.save_pretrained(root / "whisper")
+    qwen, whisper = save_base_checkpoints(config, root)
 
     torch.manual_seed(1)  # the release LLM differs from the base one
     llm = Qwen2ForCausalLM(qwen2_config(config.text_config)).eval()

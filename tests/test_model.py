@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import save_base_checkpoints, tiny_config
 from helpers import IMAGE, SPEECH, image_inputs, speech_inputs
-from transformers import Qwen2VLForConditionalGeneration, WhisperConfig, WhisperForConditionalGeneration
+from transformers import Qwen2VLForConditionalGeneration
 
 from lyra import LyraForConditionalGeneration
 from lyra.modeling import PlaceholderMismatchError
@@ -130,15 +130,8 @@ def test_generation_stops_at_eos(tiny_model):
 
 
 def test_from_base_checkpoints(tmp_path):
-    torch.manual_seed(2)
-    config = tiny_config()
-    qwen = Qwen2VLForConditionalGeneration(config.backbone_config).eval()
-    qwen.save_pretrained(tmp_path / "qwen")
-    whisper_config = WhisperConfig(**config.speech_config.to_dict())
-    whisper_config._attn_implementation = "eager"
-    whisper = WhisperForConditionalGeneration(whisper_config).eval()
-    whisper.save_pretrained(tmp_path / "whisper")
-    model = LyraForConditionalGeneration.from_base(tmp_path / "qwen", tmp_path / "whisper", attn_implementation="eager")
+    qwen, whisper = save_base_checkpoints(tiny_config(), tmp_path, seed=2)
+    model = LyraForConditionalGeneration.from_base(tmp_path / "qwen2vl", tmp_path / "whisper", attn_implementation="eager")
     text = {"input_ids": torch.randint(10, 5000, (1, 12))}
     assert torch.equal(model(**text).logits, qwen(**text).logits)
     feats = torch.randn(1, 80, 3000)
