@@ -59,6 +59,9 @@ HEADER = [IM_START, SYSTEM, NEWLINE, 2610, 525, 264, 10950, 17847, 13, IM_END, N
 TEMPLATE_TAIL = [IM_END, NEWLINE, IM_START, ASSISTANT, NEWLINE]
 
 
+WARMUPS = {"full": "one untimed prefill of the same prompt", "short": "one untimed prefill of a 30 s prompt", "none": "none"}
+
+
 @dataclass(frozen=True)
 class ModelPlan:
     """How one model is benchmarked."""
@@ -361,7 +364,7 @@ def fmt_gib(b: float) -> str:
 def table(rows: list[dict]) -> str:
     head = (
         "| model | dtype | keep_rate | gap | tokens in | tokens at last layer | speech kept | median prefill s (runs)"
-        " | speed-up | peak RSS GiB | peak ratio | peak - loaded GiB | KV cache MB |"
+        " | speed-up | token-layer ratio | peak RSS GiB | peak ratio | peak - loaded GiB | KV cache MB |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -369,6 +372,7 @@ def table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {r['dtype']} | {r['keep_rate']:g} | {r['gap']} | {r['tokens_in']} | {r['tokens_last']}"
             f" | {r['speech_last']} / {r['speech_in']} | {r['median_s']:.2f} ({times}) | {r['speedup']:.2f}x"
+            f" | {r['token_layer_ratio']:.2f}x"
             f" | {fmt_gib(r['peak_rss'])} | {r['peak_ratio']:.3f} | {fmt_gib(r['peak_rss'] - r['loaded_rss'])}"
             f" | {r['kv_bytes'] / 1e6:.1f} |"
         )
@@ -400,16 +404,24 @@ def docs_section(args, info: dict, rows: list[dict], encoder: dict, started: str
     notes = []
     for name, r in plans.items():
         stages = " -> ".join(str(n) for n in sorted(set(rows_for(rows, name)[-1]["tokens_per_layer"]), reverse=True))
+        mine = rows_for(rows, name)
+        kv = ", ".join(f"{x['kv_bytes'] / r['kv_bytes']:.0%} at keep_rate {x['keep_rate']:g}" for x in mine if x["keep_rate"] < 1)
+        peaks = ", ".join(f"{x['peak_ratio']:.2f}" for x in mine if x["keep_rate"] < 1)
+        notes.append(
+            f"{name}: the layers up to the first pruning point see every token, so they set the prefill's peak memory"
+            f" (peak ratio {peaks}); the KV cache kept for decoding shrinks to {kv} of the baseline"
+        )
         notes.append(
             f"{name}: {r['n_layers']} layers, {r['dtype']}, attention `{r['attn']}`, LoRA adapter `{r['adapter']}` active,"
-            f" warm-up `{r['warmup']}`, {len(r['times'])} timed run(s); keep_rate {rows_for(rows, name)[-1]['keep_rate']:g}"
+            f" warm-up: {WARMUPS[r['warmup']]}, {len(r['times'])} timed run(s); keep_rate {rows_for(rows, name)[-1]['keep_rate']:g}"
             f" keeps {stages} tokens per layer group"
         )
     enc = ""
     if encoder:
         enc = "\n".join(
             f"- Whisper encoder of the {m} preset (random weights, same shape), {e['windows']} padded 30 s windows:"
-            f" {e['seconds']:.2f} s (median). Identical for every keep rate and not part of the prefill above."
+            f" {e['seconds']:.2f} s (median of one batched `encode_speech` call each). Identical for every keep rate and"
+            f" not part of the prefill above."
             for m, e in encoder.items()
         ) + "\n"
     loads = [r["loadavg_start"] for r in rows] + [r["loadavg_end"] for r in rows]
@@ -447,7 +459,9 @@ Measured: one `model(input_ids, speech_embeds=..., use_cache=True, logits_to_kee
 
 - speed-up = baseline median / median, peak ratio = peak RSS / baseline peak RSS, both against keep_rate 1.0 with
   gap 0 (extractor off) of the same model in the same run. "tokens at last layer" is the sequence the last decoder
-  layer saw (and cached); "speech kept" counts speech tokens among them.
+  layer saw (and cached); "speech kept" counts speech tokens among them. "token-layer ratio" is the speed-up
+  a cost linear in tokens per layer would give (sum over layers of the tokens each saw, baseline / this row);
+  attention is quadratic, so pruning saves a bit more there, while fixed costs (LM head, Python) save nothing.
 - Peak RSS is the process's high-water mark from the end of loading (model + inputs) to the end of the runs
   ({rows[0]['peak_source']}); "peak - loaded" is its rise above the RSS right after loading (weights + inputs).
   KV cache MB = bytes of every layer's keys and values after the prefill (layers after a pruning point hold fewer).
@@ -549,6 +563,7 @@ def main(argv=None) -> int:
                 base = base or r
                 r["speedup"] = base["median_s"] / r["median_s"]
                 r["peak_ratio"] = r["peak_rss"] / base["peak_rss"]
+                r["token_layer_ratio"] = sum(base["tokens_per_layer"]) / sum(r["tokens_per_layer"])
                 if "encoder_s" in r:
                     encoder[name] = {"windows": round(args.minutes * WINDOWS_PER_MINUTE), "seconds": r["encoder_s"]}
                 rows.append(r)

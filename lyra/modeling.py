@@ -57,6 +57,42 @@ class LyraCache:
         """Keys held by one layer (the last by default, the shortest after token extraction)."""
         return int(self.key_valid[layer].shape[1])
 
+    def mark(self) -> CacheMark:
+        """Remember the current state, to come back to it with `rollback` (e.g. after answering a question)."""
+        return CacheMark(
+            lengths=tuple(int(v.shape[1]) for v in self.key_valid),
+            next_position=self.next_position.clone(),
+            adapter=self.adapter,
+        )
+
+    def rollback(self, mark: CacheMark) -> None:
+        """Drop everything cached after `mark` (per layer: layers may hold different lengths)."""
+        if len(mark.lengths) != len(self.key_valid):
+            raise ValueError(f"mark has {len(mark.lengths)} layers, the cache {len(self.key_valid)}")
+        new_valid: list[torch.Tensor] = []
+        for i, n in enumerate(mark.lengths):
+            if n > self.key_valid[i].shape[1]:
+                raise ValueError(f"cannot roll layer {i} forward: mark holds {n} keys, the cache {self.key_valid[i].shape[1]}")
+            layer = self.kv.layers[i]
+            if layer.is_initialized:
+                layer.keys = layer.keys[..., :n, :]
+                layer.values = layer.values[..., :n, :]
+            # Layers that shared one validity tensor keep sharing it (the decoder reuses masks by identity).
+            shared = i > 0 and self.key_valid[i] is self.key_valid[i - 1] and n == mark.lengths[i - 1]
+            new_valid.append(new_valid[-1] if shared else self.key_valid[i][:, :n])
+        self.key_valid = new_valid
+        self.next_position = mark.next_position.clone()
+        self.adapter = mark.adapter
+
+
+@dataclass(frozen=True)
+class CacheMark:
+    """A point in a `LyraCache`'s history: per-layer lengths, next position and adapter."""
+
+    lengths: tuple[int, ...]
+    next_position: torch.Tensor
+    adapter: str | None
+
 
 @dataclass
 class LyraOutput:

@@ -476,14 +476,19 @@ class LyraProcessor:
             windows.extend(clip)
             window_counts.extend(self.window_token_count(len(w)) for w in clip)
             clip_windows.append(len(clip))
+        features = self.window_features(windows)
+        return _SpeechBatch(features=features, window_token_counts=window_counts, clip_windows=clip_windows)
+
+    def window_features(self, windows: Sequence[np.ndarray]) -> np.ndarray:
+        """Log-mel of 16 kHz windows of at most 30 s, each padded to 30 s: (W, n_mels, 3000) float32."""
         features = np.empty((len(windows), self.n_mels, WINDOW_MEL_FRAMES), dtype=np.float32)
         for start in range(0, len(windows), _FEATURE_CHUNK_WINDOWS):
-            chunk = windows[start : start + _FEATURE_CHUNK_WINDOWS]
+            chunk = list(windows[start : start + _FEATURE_CHUNK_WINDOWS])
             mel = self.feature_extractor(chunk, sampling_rate=SAMPLE_RATE, padding="max_length", return_tensors="np")[
                 "input_features"
             ]  # (w, n_mels, 3000)
             features[start : start + len(chunk)] = mel
-        return _SpeechBatch(features=features, window_token_counts=window_counts, clip_windows=clip_windows)
+        return features
 
     def _transcripts(self, transcripts: Sequence[str | None]) -> dict[str, np.ndarray]:
         ids: list[list[int]] = []

@@ -153,3 +153,24 @@ def test_gradient_checkpointing_and_bf16(tiny_model):
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_cache_rollback_answers_again_identically():
+    """Ingest once, ask, roll back, ask again: the second answer equals the first (pruned cache too)."""
+    from lyra import ExtractorConfig
+
+    torch.manual_seed(3)
+    model = LyraForConditionalGeneration(tiny_config()).eval()
+    model.set_extractor(ExtractorConfig(gap=1, keep_rate=0.5, min_keep=8))
+    context = speech_inputs(60, after=2, seed=4)
+    out = model(**context, use_cache=True)
+    cache = out.cache
+    mark = cache.mark()
+    question = {"input_ids": torch.randint(10, 1000, (1, 6))}
+    first = model.generate(question, max_new_tokens=4, cache=cache).sequences
+    assert cache.cached_tokens(0) > mark.lengths[0]
+    cache.rollback(mark)
+    assert tuple(v.shape[1] for v in cache.key_valid) == mark.lengths
+    assert all(layer.keys.shape[-2] == n for layer, n in zip(cache.kv.layers, mark.lengths))
+    second = model.generate(question, max_new_tokens=4, cache=cache).sequences
+    assert torch.equal(first, second)

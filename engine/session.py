@@ -1,0 +1,263 @@
+"""Lecture sessions: a long recording is prefilled once into the KV cache, then answers many questions.
+
+Audio arrives window by window (`AudioWindow`, at most 30 s each); each window is encoded, projected and
+prefilled into the cache right away, so memory grows with the cache, not with the audio. After the audio,
+the cache is marked; every question is prefilled after the mark, answered, and rolled back to it.
+A session saves to a folder and reopens without touching the audio again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from lyra.configuration import LONG_SPEECH_ADAPTER
+from lyra.constants import SAMPLE_RATE, SPEECH_PLACEHOLDER
+from lyra.modeling import CacheMark, LyraCache, LyraForConditionalGeneration
+from lyra.processing import LyraProcessor
+from lyra.engine.events import AudioWindow
+
+SESSION_FORMAT = 1  # bump when the folder layout changes
+DEFAULT_MAX_SECONDS = 2 * 60 * 60  # questions about at most two hours of audio
+_QUESTION_SLOT = "\u0000question\u0000"  # stands where the question goes while the prompt template is split
+
+
+class SessionError(ValueError):
+    """A session cannot take this audio or cannot be reopened with this model."""
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a session holds (saved as session.json)."""
+
+    source: str  # where the audio came from (file name, "-" for stdin)
+    audio_seconds: float  # audio ingested, silent windows included
+    windows: int  # windows prefilled (silent windows skipped are not counted)
+    skipped_windows: int  # windows left out: flagged silent by VAD, or past max_seconds
+    speech_tokens: int  # speech tokens prefilled
+    cached_tokens: int  # keys held by the last layer after the audio (fewer when tokens were extracted)
+    adapter: str | None
+    model_fingerprint: str  # hash of the model config: a session only reopens with the same model
+
+
+def model_fingerprint(model: LyraForConditionalGeneration) -> str:
+    """A short hash of the model configuration (architecture and settings)."""
+    text = json.dumps(model.config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class LectureSession:
+    """Ingest once, ask many.
+
+    Args:
+        model, processor: a loaded Lyra model and its processor.
+        adapter: LoRA adapter for the context ("long_speech" by default: a lecture spans many windows).
+        max_seconds: audio past this is not prefilled (a message in `info` and `skipped_windows` says so).
+        source: a name for the audio, kept in the session info.
+    """
+
+    def __init__(
+        self,
+        model: LyraForConditionalGeneration,
+        processor: LyraProcessor,
+        *,
+        adapter: str | None = LONG_SPEECH_ADAPTER,
+        max_seconds: float = DEFAULT_MAX_SECONDS,
+        source: str = "",
+    ):
+        self.model = model
+        self.processor = processor
+        self.adapter = adapter if adapter is None or adapter in model.adapters.names else None
+        self.max_seconds = max_seconds
+        self.source = source
+        prompt = processor.apply_chat_template(
+            [{"role": "user", "content": f"{SPEECH_PLACEHOLDER}\n{_QUESTION_SLOT}"}], add_generation_prompt=True
+        )
+        self._before_speech, rest = prompt.split(SPEECH_PLACEHOLDER)
+        self._before_question, self._after_question = rest.split(_QUESTION_SLOT)
+        self.cache: LyraCache | None = None
+        self._mark: CacheMark | None = None
+        self._audio_seconds = 0.0
+        self._windows = 0
+        self._skipped = 0
+        self._speech_tokens = 0
+
+    # ---- ingest ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def add_window(self, window: AudioWindow) -> int:
+        """Encode one window and prefill it; returns the speech tokens added (0 when skipped)."""
+        if self._mark is not None:
+            raise SessionError("the audio of this session is closed; start a new session for more audio")
+        if self.cache is None:
+            self._prefill_text(self._before_speech)
+        self._audio_seconds = max(self._audio_seconds, window.end)
+        if window.speech is False or window.start >= self.max_seconds:
+            self._skipped += 1
+            return 0
+        samples = window.samples
+        if window.end > self.max_seconds:
+            samples = samples[: int(round((self.max_seconds - window.start) * SAMPLE_RATE))]
+        n = self.processor.window_token_count(len(samples))
+        features = torch.from_numpy(self.processor.window_features([samples]))
+        ids = torch.full((1, n), self.processor.speech_token_id, dtype=torch.long)
+        self._forward(ids, input_features=features, speech_token_counts=torch.tensor([n]))
+        self._windows += 1
+        self._speech_tokens += n
+        return n
+
+    def close_audio(self) -> SessionInfo:
+        """End the audio part; the cache is marked here and every question starts from this point."""
+        if self._mark is None:
+            if self.cache is None:
+                raise SessionError("no audio was ingested: the recording is empty")
+            self._mark = self.cache.mark()
+        return self.info
+
+    @property
+    def info(self) -> SessionInfo:
+        return SessionInfo(
+            source=self.source,
+            audio_seconds=round(self._audio_seconds, 3),
+            windows=self._windows,
+            skipped_windows=self._skipped,
+            speech_tokens=self._speech_tokens,
+            cached_tokens=self.cache.cached_tokens() if self.cache is not None else 0,
+            adapter=self.adapter,
+            model_fingerprint=model_fingerprint(self.model),
+        )
+
+    # ---- questions -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
+        """Stream the answer to one question as text deltas; the cache returns to the mark afterwards."""
+        if self._mark is None:
+            self.close_audio()
+        mark = self._mark
+        text = f"{self._before_question}{question.strip()}{self._after_question}"
+        ids = torch.tensor([self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        eos = self.model.config.text_config.eos_token_id
+        eos = set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
+        tokens: list[int] = []
+        shown = ""
+        try:
+            for step in self.model.stream_generate(
+                {"input_ids": ids}, cache=self.cache, max_new_tokens=max_new_tokens, temperature=temperature
+            ):
+                token = int(step.tokens[0])
+                if token in eos:
+                    break
+                tokens.append(token)
+                decoded = self.processor.decode(tokens, skip_special_tokens=True)
+                if len(decoded) > len(shown) and not decoded.endswith("\ufffd"):  # wait for whole characters
+                    yield decoded[len(shown):]
+                    shown = decoded
+        finally:
+            self.cache.rollback(mark)
+
+    def answer(self, question: str, **kwargs) -> str:
+        """The whole answer to one question."""
+        return "".join(self.ask(question, **kwargs))
+
+    # ---- persistence -----------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        """Write the session (cache tensors + session.json) atomically into `folder`."""
+        self.close_audio()
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            tensors, groups = _cache_tensors(self.cache)
+            save_file(tensors, str(staging / "cache.safetensors"))
+            meta = {
+                "format": SESSION_FORMAT,
+                "info": asdict(self.info),
+                "key_valid_groups": groups,
+                "next_position": self.cache.next_position.tolist(),
+                "max_seconds": self.max_seconds,
+            }
+            (staging / "session.json").write_text(json.dumps(meta, indent=2) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path, model: LyraForConditionalGeneration, processor: LyraProcessor) -> LectureSession:
+        """Reopen a saved session; the model must be the one that wrote it."""
+        folder = Path(folder)
+        meta_path = folder / "session.json"
+        if not meta_path.exists():
+            raise SessionError(f"{folder} is not a saved session (no session.json); create one with `lyra ask --context`")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != SESSION_FORMAT:
+            raise SessionError(f"{folder}: session format {meta.get('format')} is not {SESSION_FORMAT}; ingest the audio again")
+        info = SessionInfo(**meta["info"])
+        if info.model_fingerprint != model_fingerprint(model):
+            raise SessionError(
+                f"{folder} was made with another model (fingerprint {info.model_fingerprint}, this one "
+                f"{model_fingerprint(model)}); reopen it with the same --model or ingest the audio again"
+            )
+        session = cls(model, processor, adapter=info.adapter, max_seconds=meta["max_seconds"], source=info.source)
+        device = next(model.parameters()).device
+        tensors = load_file(str(folder / "cache.safetensors"), device=str(device))
+        session.cache = _cache_from(tensors, meta["key_valid_groups"], meta["next_position"], info.adapter, model)
+        session._mark = session.cache.mark()
+        session._audio_seconds = info.audio_seconds
+        session._windows, session._skipped, session._speech_tokens = info.windows, info.skipped_windows, info.speech_tokens
+        return session
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _prefill_text(self, text: str) -> None:
+        ids = torch.tensor([self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]])
+        self._forward(ids)
+
+    def _forward(self, input_ids: torch.Tensor, **inputs) -> None:
+        device = next(self.model.parameters()).device
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        out = self.model(
+            input_ids.to(device), cache=self.cache, use_cache=True, adapter=self.adapter, logits_to_keep=1, **inputs
+        )
+        self.cache = out.cache
+
+
+def _cache_tensors(cache: LyraCache) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Flat tensors of a cache; layers sharing one validity tensor are stored once (groups[i] = its owner)."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups: list[int] = []
+    for i, layer in enumerate(cache.kv.layers):
+        tensors[f"layer.{i}.keys"] = layer.keys.contiguous()
+        tensors[f"layer.{i}.values"] = layer.values.contiguous()
+        owner = groups[-1] if i > 0 and cache.key_valid[i] is cache.key_valid[i - 1] else i
+        if owner == i:
+            tensors[f"layer.{i}.key_valid"] = cache.key_valid[i].contiguous()
+        groups.append(owner)
+    return tensors, groups
+
+
+def _cache_from(tensors, groups, next_position, adapter, model) -> LyraCache:
+    kv = DynamicCache(config=model.config.text_config)
+    key_valid = []
+    for i, layer in enumerate(kv.layers):
+        keys, values = tensors[f"layer.{i}.keys"], tensors[f"layer.{i}.values"]
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        key_valid.append(key_valid[groups[i]] if groups[i] != i else tensors[f"layer.{i}.key_valid"])
+    return LyraCache(
+        kv=kv,
+        key_valid=key_valid,
+        next_position=torch.tensor(next_position, dtype=torch.long, device=keys.device),
+        adapter=adapter,
+    )

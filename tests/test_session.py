@@ -1,0 +1,97 @@
+"""Lecture sessions: ingest once, ask many; save and reopen; chunked prefill equals one-shot prefill."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from lyra import LyraForConditionalGeneration, LyraProcessor, assets
+from lyra.constants import SAMPLE_RATE, WINDOW_SAMPLES
+from lyra.engine.events import AudioWindow
+from lyra.engine.session import LectureSession, SessionError
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = LyraForConditionalGeneration(config).eval()
+    processor = LyraProcessor.for_model(config, assets.qwen2_tokenizer())
+    return model, processor
+
+
+def windows_of(wave: np.ndarray) -> list[AudioWindow]:
+    out = []
+    for i, start in enumerate(range(0, len(wave), WINDOW_SAMPLES)):
+        chunk = wave[start:start + WINDOW_SAMPLES]
+        out.append(AudioWindow(i, start / SAMPLE_RATE, (start + len(chunk)) / SAMPLE_RATE, chunk))
+    return out
+
+
+def lecture(seconds=72.0, seed=0) -> np.ndarray:
+    g = np.random.default_rng(seed)
+    return (0.1 * g.standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+def ingest(model, processor, wave, **kwargs) -> LectureSession:
+    session = LectureSession(model, processor, source="lecture.wav", **kwargs)
+    for window in windows_of(wave):
+        session.add_window(window)
+    session.close_audio()
+    return session
+
+
+def test_ask_many_and_reopen(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    session = ingest(model, processor, lecture())
+    info = session.info
+    assert (info.windows, info.audio_seconds, info.adapter) == (3, 72.0, "long_speech")
+    assert info.speech_tokens == 300 + 300 + 120  # trimmed padding: 12 s -> 120 tokens
+    first = session.answer("What was the lecture about?", max_new_tokens=6)
+    assert first and session.answer("What was the lecture about?", max_new_tokens=6) == first
+    other = session.answer("Who gave it?", max_new_tokens=6)
+    assert session.answer("What was the lecture about?", max_new_tokens=6) == first  # no leak from `other`
+    assert other is not None
+    session.save(tmp_path / "session")
+    reopened = LectureSession.load(tmp_path / "session", model, processor)
+    assert reopened.info == session.info
+    assert reopened.answer("What was the lecture about?", max_new_tokens=6) == first
+
+
+def test_chunked_prefill_equals_one_shot(model_and_processor):
+    model, processor = model_and_processor
+    wave = lecture(65.0, seed=1)
+    session = ingest(model, processor, wave)
+    prompt = session._before_speech + "<speech>"
+    inputs = processor(prompt, audios=[(wave, SAMPLE_RATE)])
+    with torch.inference_mode():
+        offline = model(**inputs, use_cache=True, adapter="long_speech").cache
+    for ours, theirs in zip(session.cache.kv.layers, offline.kv.layers):
+        assert ours.keys.shape == theirs.keys.shape
+        assert torch.allclose(ours.keys, theirs.keys, atol=1e-4)
+        assert torch.allclose(ours.values, theirs.values, atol=1e-4)
+    assert torch.equal(session.cache.next_position, offline.next_position)
+
+
+def test_limits_and_silence(model_and_processor):
+    model, processor = model_and_processor
+    wave = lecture(75.0, seed=2)
+    session = ingest(model, processor, wave, max_seconds=40.0)
+    info = session.info
+    assert info.windows == 2 and info.skipped_windows == 1  # 30 s + 10 s kept, the third window past the limit
+    assert info.speech_tokens == 300 + 100 and info.audio_seconds == 75.0
+    silent = LectureSession(model, processor)
+    silent.add_window(AudioWindow(0, 0.0, 30.0, np.zeros(WINDOW_SAMPLES, np.float32), speech=False))
+    assert silent.close_audio().windows == 0 and silent.info.skipped_windows == 1
+    with pytest.raises(SessionError, match="empty"):
+        LectureSession(model, processor).close_audio()
+
+
+def test_reopen_with_another_model_is_refused(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    ingest(model, processor, lecture(10.0)).save(tmp_path / "s")
+    other = LyraForConditionalGeneration(tiny_config(extractor={"gap": 1, "keep_rate": 0.5, "min_keep": 8})).eval()
+    with pytest.raises(SessionError, match="another model"):
+        LectureSession.load(tmp_path / "s", other, processor)
+    with pytest.raises(SessionError, match="not a saved session"):
+        LectureSession.load(tmp_path, model, processor)
