@@ -193,7 +193,7 @@ class TranscriptJournal:
                         f"cannot resume from {path}: it was written for another job.\n  "
                         + "\n  ".join(diffs)
                         + f"\nRun without --resume to start over (this replaces the journal), or delete {path}.")
-                file = open(path, "r+b")
+                file = open(path, "r+b")  # noqa: SIM115 (held open by the journal until close())
                 file.truncate(contents.good_bytes)  # cut a torn last line, or the next record would extend it
                 file.seek(contents.good_bytes)
                 os.fsync(file.fileno())
@@ -222,7 +222,7 @@ class TranscriptJournal:
             self.path.unlink()
             fsync_directory(self.path.parent)
 
-    def __enter__(self) -> TranscriptJournal:
+    def __enter__(self) -> TranscriptJournal:  # noqa: PYI034 (typing.Self needs Python 3.11)
         return self
 
     def __exit__(self, *exc) -> None:

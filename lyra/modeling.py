@@ -122,6 +122,7 @@ class GenerationStep:
     finished: torch.Tensor  # (B,) bool: the stream produced EOS at or before this step
     hidden_states: torch.Tensor  # (B, D) final normed LLM state that predicted `tokens`
     cache: LyraCache  # the decoding state after this step's prediction
+    logprobs: torch.Tensor | None = None  # (B,) log-probability of `tokens` under the model (temperature 1)
 
 
 @dataclass
@@ -536,8 +537,11 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         for _ in range(max_new_tokens):
             tokens = _sample(logits, temperature, top_p, generator)
             tokens = torch.where(finished, torch.full_like(tokens, pad), tokens)
+            logprobs = logits.float().log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
             finished = finished | torch.isin(tokens, torch.tensor(eos, device=tokens.device))
-            yield GenerationStep(tokens=tokens, finished=finished.clone(), hidden_states=hidden, cache=cache)
+            yield GenerationStep(
+                tokens=tokens, finished=finished.clone(), hidden_states=hidden, cache=cache, logprobs=logprobs
+            )
             # Every emitted token (EOS included) enters the cache, so a next turn continues right after
             # it. Finished streams keep decoding pad tokens so the batch stays rectangular.
             out = self(tokens[:, None], cache=cache, use_cache=True)

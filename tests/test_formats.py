@@ -7,13 +7,17 @@ import os
 from datetime import timedelta
 
 import pytest
-import srt
-import webvtt
-
 from lyra.engine import formats
 from lyra.engine.events import Segment
-from lyra.engine.formats import (FORMATS, SegmentStream, format_timestamp, render, segment_from_dict, segment_lines,
-                                 write_atomic)
+from lyra.engine.formats import (
+    FORMATS,
+    SegmentStream,
+    format_timestamp,
+    render,
+    segment_from_dict,
+    segment_lines,
+    write_atomic,
+)
 from lyra.engine.journal import JobIdentity, JournalError, JournalMismatch, TranscriptJournal, journal_path
 
 HOUR = 3600.0
@@ -83,6 +87,7 @@ def test_format_timestamp_rejects_bad_times(bad):
 
 
 def test_srt_parses_with_srt_library():
+    srt = pytest.importorskip("srt")  # the `test` extra
     segments = make_segments()
     cues = list(srt.parse(render(segments, "srt")))
     assert [c.index for c in cues] == [1, 2, 3, 4, 5]  # consecutive although segment 2 was skipped
@@ -94,6 +99,7 @@ def test_srt_parses_with_srt_library():
 
 
 def test_vtt_parses_with_webvtt():
+    webvtt = pytest.importorskip("webvtt")  # webvtt-py, the `test` extra
     segments = make_segments()
     document = render(segments, "vtt")
     assert document.startswith("WEBVTT\n\n") and document.count("WEBVTT") == 1
@@ -107,7 +113,17 @@ def test_vtt_parses_with_webvtt():
     assert captions[4].start == "02:05:07.123"
 
 
+def test_hundred_hours_parse():
+    srt, webvtt = pytest.importorskip("srt"), pytest.importorskip("webvtt")
+    segment = Segment(0, 100 * HOUR + 0.25, 100 * HOUR + 1.5, "late", window=12_000)
+    (cue,) = srt.parse(render([segment], "srt"))
+    assert cue.start == timedelta(hours=100, milliseconds=250) and cue.end == timedelta(hours=100, seconds=1.5)
+    (caption,) = webvtt.from_buffer(io.StringIO(render([segment], "vtt"))).captions
+    assert caption.start == "100:00:00.250" and caption.end_in_seconds == 100 * 3600 + 1
+
+
 def test_vtt_without_cues_is_a_valid_empty_document():
+    webvtt = pytest.importorskip("webvtt")
     assert render([], "vtt") == "WEBVTT\n\n"
     assert webvtt.from_buffer(io.StringIO(render([Segment(0, 0.0, 1.0, " ", window=0)], "vtt"))).captions == []
     assert render([], "srt") == "" and render([], "txt") == ""
@@ -137,6 +153,7 @@ def test_json_writes_null_for_non_finite_scores():
 
 
 def test_unknown_format_is_refused():
+    assert FORMATS == ("txt", "srt", "vtt", "json")
     with pytest.raises(ValueError, match="txt, srt, vtt, json"):
         render([], "tsv")
 
