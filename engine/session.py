@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from lyra.configuration import LONG_SPEECH_ADAPTER
 from lyra.constants import SAMPLE_RATE, SPEECH_PLACEHOLDER
 from lyra.modeling import CacheMark, LyraCache, LyraForConditionalGeneration
 from lyra.processing import LyraProcessor
+from lyra.engine.answer import question_text, stream_text
 from lyra.engine.events import AudioWindow
 
 SESSION_FORMAT = 1  # bump when the folder layout changes
@@ -137,34 +138,36 @@ class LectureSession:
         )
 
     # ---- questions -------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def ask(self, question: str, *, max_new_tokens: int = 256, temperature: float = 0.0) -> Iterator[str]:
-        """Stream the answer to one question as text deltas; the cache returns to the mark afterwards."""
+    def ask(
+        self,
+        question: str = "",
+        *,
+        audio=None,
+        images: Sequence = (),
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+    ) -> Iterator[str]:
+        """Stream the answer to one question (typed, spoken via `audio`, about `images`) as text deltas.
+
+        The cache returns to the end of the lecture afterwards, so every question sees the same context.
+        """
         if self._mark is None:
             self.close_audio()
-        mark = self._mark
-        text = f"{self._before_question}{question.strip()}{self._after_question}"
-        ids = torch.tensor([self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]])
-        eos = self.model.config.text_config.eos_token_id
-        eos = set(eos) if isinstance(eos, (list, tuple)) else {int(eos)}
-        tokens: list[int] = []
-        shown = ""
+        user = question_text(question, images=len(images), audio=audio is not None)
+        inputs = self.processor(
+            f"{self._before_question}{user}{self._after_question}",
+            images=list(images) or None,
+            audios=[audio] if audio is not None else None,
+        )
         try:
-            for step in self.model.stream_generate(
-                {"input_ids": ids}, cache=self.cache, max_new_tokens=max_new_tokens, temperature=temperature
-            ):
-                token = int(step.tokens[0])
-                if token in eos:
-                    break
-                tokens.append(token)
-                decoded = self.processor.decode(tokens, skip_special_tokens=True)
-                if len(decoded) > len(shown) and not decoded.endswith("\ufffd"):  # wait for whole characters
-                    yield decoded[len(shown):]
-                    shown = decoded
+            yield from stream_text(
+                self.model, self.processor, inputs, cache=self.cache, max_new_tokens=max_new_tokens,
+                temperature=temperature,
+            )
         finally:
-            self.cache.rollback(mark)
+            self.cache.rollback(self._mark)
 
-    def answer(self, question: str, **kwargs) -> str:
+    def answer(self, question: str = "", **kwargs) -> str:
         """The whole answer to one question."""
         return "".join(self.ask(question, **kwargs))
 

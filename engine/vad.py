@@ -147,6 +147,11 @@ class SpeechDetector:
                     self._net = _SileroNet(jit).to(self.device)
         return self._net
 
+    @property
+    def silence_threshold(self) -> float:
+        """Probability below which a frame is silence (silero's exit threshold: threshold - 0.15)."""
+        return max(self.threshold - 0.15, 0.01)
+
     def load(self) -> SpeechDetector:
         """Load the packaged model now rather than on the first call; returns self."""
         self._model()

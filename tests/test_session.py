@@ -95,3 +95,17 @@ def test_reopen_with_another_model_is_refused(model_and_processor, tmp_path):
         LectureSession.load(tmp_path / "s", other, processor)
     with pytest.raises(SessionError, match="not a saved session"):
         LectureSession.load(tmp_path, model, processor)
+
+
+def test_spoken_question_with_image(model_and_processor):
+    from PIL import Image
+
+    model, processor = model_and_processor
+    session = ingest(model, processor, lecture(20.0, seed=5))
+    lengths = session.cache.mark().lengths
+    question = (0.05 * np.random.default_rng(6).standard_normal(2 * SAMPLE_RATE)).astype(np.float32)
+    text = session.answer(audio=(question, SAMPLE_RATE), images=[Image.new("RGB", (56, 56), "red")], max_new_tokens=3)
+    assert isinstance(text, str)
+    assert session.cache.mark().lengths == lengths  # rolled back to the end of the lecture
+    with pytest.raises(ValueError, match="needs text, audio or an image"):
+        session.answer()
