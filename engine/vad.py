@@ -1,11 +1,11 @@
 """Voice activity detection with Silero VAD: which stretches of a 16 kHz wave hold speech.
 
 The ``silero-vad`` package ships its TorchScript model, so nothing is downloaded. We use the model's
-own modules (STFT front end, conv encoder, LSTM cell, output head) but run them batched: the front end
-and encoder see one 512-sample frame (plus 64 samples of left context) at a time and do not depend on
-the recurrent state, so all frames of a call go through them as one batch; only the 128-unit LSTM runs
-sequentially, as a single ``nn.LSTM`` call with the cell's weights. That is ~60x faster than feeding
-the model frame by frame and matches it to ~3e-5 in probability.
+own modules (STFT front end, conv encoder, output head) and the LSTM cell's weights, but run them
+batched: the front end and encoder see one 512-sample frame (plus 64 samples of left context) at a time
+and do not depend on the recurrent state, so all frames of a call go through them as one batch; only
+the 128-unit LSTM cell runs step by step. That is tens of times faster than feeding the model frame by
+frame and matches it to ~3e-5 in probability.
 
 The recurrent state lives in a ``VadState`` the caller holds; ``speech_probabilities`` starts every call
 from ``VadState.initial()`` (what silero expects per file), so its result depends only on its input.
@@ -15,7 +15,7 @@ Never use silero's ``read_audio``/``save_audio``: they need torchaudio, which br
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -44,20 +44,24 @@ class VadState:
     Reset a stream by starting again from ``VadState.initial()``.
     """
 
-    h: torch.Tensor  # (1, 1, 128) LSTM hidden state
-    c: torch.Tensor  # (1, 1, 128) LSTM cell state
-    context: torch.Tensor  # (64,) last samples of the previous frame (zeros at the start of a stream)
+    h: np.ndarray = field(repr=False)  # (128,) float32 LSTM hidden state
+    c: np.ndarray = field(repr=False)  # (128,) float32 LSTM cell state
+    context: np.ndarray = field(repr=False)  # (64,) float32 last samples of the previous frame (zeros at start)
     frames: int = 0  # frames analysed so far in this stream
 
     @staticmethod
     def initial() -> VadState:
         """The state at the start of a stream: zeros, as silero's ``reset_states``."""
-        zeros = torch.zeros(1, 1, _HIDDEN)
-        return VadState(h=zeros, c=zeros.clone(), context=torch.zeros(CONTEXT_SAMPLES))
+        return VadState(h=np.zeros(_HIDDEN, np.float32), c=np.zeros(_HIDDEN, np.float32),
+                        context=np.zeros(CONTEXT_SAMPLES, np.float32))
 
 
 class _SileroNet(torch.nn.Module):
-    """Silero's 16 kHz network, rearranged to run all frames of a chunk as one batch."""
+    """Silero's 16 kHz network, rearranged: the stateless front end runs all frames of a chunk as one batch.
+
+    The recurrence (a 128-unit LSTM cell) runs in a plain numpy loop: its per-step matrices are tiny, and
+    torch's intra-op threads made it up to 100x slower (and erratic) on a busy 2-core machine.
+    """
 
     def __init__(self, jit_model) -> None:
         super().__init__()
@@ -65,24 +69,36 @@ class _SileroNet(torch.nn.Module):
         self.stft = inner.stft
         self.encoder = inner.encoder
         self.head = inner.decoder.decoder  # Dropout, ReLU, Conv1d(128, 1, 1), Sigmoid
-        cell = inner.decoder.rnn  # LSTMCell(128, 128): same gate layout as nn.LSTM
-        self.lstm = torch.nn.LSTM(_HIDDEN, _HIDDEN)
+        cell = inner.decoder.rnn  # LSTMCell(128, 128), gates stacked as input, forget, cell, output
         with torch.no_grad():
-            self.lstm.weight_ih_l0.copy_(cell.weight_ih)
-            self.lstm.weight_hh_l0.copy_(cell.weight_hh)
-            self.lstm.bias_ih_l0.copy_(cell.bias_ih)
-            self.lstm.bias_hh_l0.copy_(cell.bias_hh)
+            self._w_ih_t = cell.weight_ih.detach().float().cpu().numpy().T.copy()  # (128, 512)
+            self._w_hh_t = cell.weight_hh.detach().float().cpu().numpy().T.copy()  # (128, 512)
+            self._bias = (cell.bias_ih + cell.bias_hh).detach().float().cpu().numpy()  # (512,)
         self.eval()
 
-    def forward(self, frames: torch.Tensor, state: VadState) -> tuple[torch.Tensor, VadState]:
-        # frames: (F, 512) -> probabilities (F,)
-        previous = torch.cat([state.context[None], frames[:-1, -CONTEXT_SAMPLES:]], dim=0)  # (F, 64)
+    def forward(self, frames: torch.Tensor, state: VadState) -> tuple[np.ndarray, VadState]:
+        # frames: (F, 512) on the model's device -> probabilities (F,) float32 numpy
+        context = torch.from_numpy(state.context).to(frames.device)
+        previous = torch.cat([context[None], frames[:-1, -CONTEXT_SAMPLES:]], dim=0)  # (F, 64)
         x = torch.cat([previous, frames], dim=1)  # (F, 576)
-        features = self.encoder(self.stft(x)).squeeze(-1)  # (F, 128)
-        hidden, (h, c) = self.lstm(features[:, None, :], (state.h, state.c))  # (F, 1, 128)
-        probs = self.head(hidden[:, 0, :, None].float()).squeeze(1).mean(dim=-1)  # (F,)
-        return probs, VadState(h=h, c=c, context=frames[-1, -CONTEXT_SAMPLES:].clone(),
-                               frames=state.frames + frames.shape[0])
+        features = self.encoder(self.stft(x)).squeeze(-1).float().cpu().numpy()  # (F, 128)
+        hidden, h, c = self._recur(features, state.h, state.c)  # (F, 128)
+        out = self.head(torch.from_numpy(hidden).to(frames.device)[:, :, None])  # (F, 1, 1)
+        probs = out.squeeze(1).mean(dim=-1).cpu().numpy().astype(np.float32, copy=False)
+        last = frames[-1, -CONTEXT_SAMPLES:].cpu().numpy().copy()
+        return probs, VadState(h=h, c=c, context=last, frames=state.frames + frames.shape[0])
+
+    def _recur(self, features: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
+        gates_in = features @ self._w_ih_t + self._bias  # (F, 512): the input part of every step at once
+        hidden = np.empty((features.shape[0], _HIDDEN), np.float32)
+        w_hh_t, n = self._w_hh_t, _HIDDEN
+        for t in range(features.shape[0]):
+            g = gates_in[t] + h @ w_hh_t  # (512,)
+            s = 0.5 + 0.5 * np.tanh(0.5 * g)  # sigmoid of all gates (overflow-free); the cell gate uses tanh
+            c = s[n : 2 * n] * c + s[:n] * np.tanh(g[2 * n : 3 * n])
+            h = s[3 * n :] * np.tanh(c)
+            hidden[t] = h
+        return hidden, h.astype(np.float32), c.astype(np.float32)
 
 
 _LOAD_LOCK = threading.Lock()
@@ -162,7 +178,8 @@ class SpeechDetector:
         """Speech probability of each 512-sample frame of ``samples``, continuing a stream from ``state``.
 
         ``samples``: (N,) float32 at 16 kHz with N a multiple of 512 (frames of a longer stream).
-        Returns ((N // 512,) float32 probabilities, the state after the last frame).
+        Returns ((N // 512,) float32 probabilities, the state after the last frame). Chunked results match
+        one call over the whole stream to float rounding (~1e-7), not bit for bit.
         """
         wave = _as_wave(samples)
         if wave.shape[0] % FRAME_SAMPLES:
@@ -171,10 +188,7 @@ class SpeechDetector:
             return np.zeros(0, np.float32), state
         net = self._model()
         frames = torch.from_numpy(wave).to(self.device).view(-1, FRAME_SAMPLES)  # (F, 512)
-        state = VadState(h=state.h.to(self.device), c=state.c.to(self.device),
-                         context=state.context.to(self.device), frames=state.frames)
-        probs, state = net(frames, state)
-        return probs.cpu().numpy().astype(np.float32, copy=False), state
+        return net(frames, state)
 
     def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
         """Speech probability per 512-sample frame of a whole wave, from a fresh state.

@@ -58,9 +58,10 @@ def spoken_question(text: str = QUESTION) -> tuple[AudioArray, str]:
     return AudioArray((0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), SAMPLE_RATE), "tone"
 
 
-def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO = sys.stdout,
-             err: TextIO = sys.stderr) -> DemoReport:
+def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO | None = None,
+             err: TextIO | None = None) -> DemoReport:
     """Load `model` (default: the embedded checkpoint), ask the spoken question about the image, stream the answer."""
+    out, err = out or sys.stdout, err or sys.stderr
     from lyra.pretrained import load_pretrained
 
     t0 = time.perf_counter()
