@@ -306,8 +306,8 @@ def run_worker(spec: dict) -> list[dict]:
     """Run one worker in a fresh interpreter and parse its result line."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise RuntimeError(f"worker failed (exit {proc.returncode}) for {spec['plan']['name']} {spec['cases']}")
@@ -384,7 +384,7 @@ def write_docs(section: str, path: Path) -> None:
     block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}\n"
     if path.exists():
         text = path.read_text()
-        pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?", re.S)
+        pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
         if pattern.search(text):
             text = pattern.sub(lambda _: block, text, count=1)
         else:
@@ -568,7 +568,7 @@ def main(argv=None) -> int:
                     encoder[name] = {"windows": round(args.minutes * WINDOWS_PER_MINUTE), "seconds": r["encoder_s"]}
                 rows.append(r)
                 print(f"  keep {case.keep_rate:g} gap {case.gap}: median {r['median_s']:.2f} s"
-                      f" {['%.2f' % t for t in r['times']]} speed-up {r['speedup']:.2f}x,"
+                      f" [{', '.join(f'{t:.2f}' for t in r['times'])}] speed-up {r['speedup']:.2f}x,"
                       f" tokens {r['tokens_in']} -> {r['tokens_last']} (speech {r['speech_last']}),"
                       f" peak {fmt_gib(r['peak_rss'])} GiB (+{fmt_gib(r['peak_rss'] - r['loaded_rss'])}),"
                       f" KV {r['kv_bytes'] / 1e6:.1f} MB, lm_head {r['head_slice_s']:.2f} s"

@@ -8,9 +8,9 @@ number of frames at a time, channels are averaged, and a streaming soxr resample
 windows that hold no speech.
 
 Streamed equals offline: every decision depends only on the samples, never on how they were chunked.
-Raw PCM is re-blocked to fixed frame counts before resampling, and a window is cut only once the whole
-30 s candidate (or the end of the stream) is in hand, so the same audio in one block or in a thousand
-gives the same windows, sample for sample.
+Raw PCM is re-blocked to fixed frame counts before resampling, the VAD analyses fixed batches of frames
+at fixed positions, and a window is cut only once its whole 30 s candidate (or the end of the stream) is
+in hand, so the same audio in one block or in a thousand gives the same windows, sample for sample.
 """
 
 from __future__ import annotations
@@ -22,21 +22,23 @@ import tempfile
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
 import soxr
+from lyra.engine.events import AudioWindow
+from lyra.engine.vad import FRAME_SAMPLES, SpeechDetector, SpeechRegion, VadState
 
 from lyra.audio import _RESAMPLE_QUALITY, SUPPORTED_FORMATS, AudioError, _classify_failure, _finish
 from lyra.constants import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
-from lyra.engine.events import AudioWindow
-from lyra.engine.vad import FRAME_SAMPLES, SpeechDetector, SpeechRegion
 
 __all__ = ["AudioSource", "RawFormat", "iter_windows", "open_audio"]
 
 BLOCK_FRAMES = 1 << 16  # input frames decoded (and resampled) per block: ~1.5 s at 44.1 kHz
+VAD_GROUP_FRAMES = 256  # VAD frames analysed per batch (8.2 s); a window waits for the batch holding its end
 _SPOOL_CHUNK = 1 << 20  # bytes copied at a time when an encoded pipe is spooled to disk
 _RAW_DTYPES = {"s16le": ("<i2", 1.0 / 32768.0), "f32le": ("<f4", None)}  # numpy dtype, scale to [-1, 1]
 _UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX frames when it cannot know the length
@@ -95,8 +97,8 @@ class AudioSource:
 
         Raises ``AudioError`` for corrupt data met while decoding and for a source with no samples at all.
         """
-        if self._consumed:
-            raise RuntimeError(f"{self.name}: blocks() was already called; an AudioSource is read once, open it again")
+        if self._consumed or self._closed:
+            raise RuntimeError(f"{self.name}: this AudioSource was already read or closed; it is read once, open it again")
         self._consumed = True
         return self._generate()
 
@@ -186,7 +188,7 @@ def _open_stream(stream: BinaryIO, name: str, raw: RawFormat | None, *, owned: b
         return _open_raw(stream, name, raw, owned=owned, size=size)
     if not _seekable(stream):
         # Decoders seek (headers, trailing chunks): copy the pipe to disk, never into RAM.
-        spool = tempfile.TemporaryFile()
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 -- the AudioSource owns and closes it
         while chunk := stream.read(_SPOOL_CHUNK):
             if isinstance(chunk, str):
                 spool.close()
@@ -319,10 +321,11 @@ def iter_windows(
       - otherwise the window ends in the middle of the longest run of quiet VAD frames (probability below
         ``vad.silence_threshold``) that lies between ``min_window_seconds`` (default 2/3 of the window)
         and ``window_seconds``; with no quiet frame there, at the least speech-like frame.
-    The VAD sees exactly the candidate's samples from a fresh state, and a candidate is judged only once
-    it is complete (``window_seconds`` plus one sample, or the end of the stream): the windows depend on the
-    samples alone, not on how they arrived. ``start``/``end`` are exact: first sample / 16000.
-    Memory: one candidate window plus one incoming block.
+    The VAD runs once over the whole stream (state carried, fixed 8 s batches on the absolute frame grid)
+    and a candidate is judged only once it is complete (``window_seconds`` plus one sample and its VAD
+    frames, or the end of the stream): the windows depend on the samples alone, not on how they arrived.
+    ``start``/``end`` are exact: first sample / 16000.
+    Memory: one candidate window, one VAD batch and one incoming block.
     """
     window = _seconds_to_samples(window_seconds, "window_seconds")
     if window > WINDOW_SAMPLES:
@@ -350,46 +353,67 @@ def iter_windows(
 def _windows(blocks: Iterable[np.ndarray], window: int, min_window: int, max_pause: int,
              vad: SpeechDetector | None, opened: AudioSource | None) -> Iterator[AudioWindow]:
     buffer = _SampleBuffer()
-    # Without VAD a full window is final as soon as it is complete; with VAD the cut may depend on
-    # whether more audio follows, so wait for one sample more than a window (or the end).
-    need = window if vad is None else window + 1
+    track = _VadTrack(vad) if vad is not None else None
     index = 0
     try:
         for block in blocks:
             buffer.push(_check_block(block))
-            while len(buffer) >= need:
-                yield _next_window(buffer, index, window, min_window, max_pause, vad, final=False)
+            while _ready(buffer, track, window):
+                yield _next_window(buffer, track, index, window, min_window, max_pause, final=False)
                 index += 1
-        while len(buffer):
-            yield _next_window(buffer, index, window, min_window, max_pause, vad, final=len(buffer) <= window)
+        while len(buffer):  # the end of the stream: whatever is left, with the VAD's last partial group
+            if track is not None:
+                track.analyse(buffer, _frames_to_cover(buffer.start + min(window, len(buffer))), end_of_stream=True)
+            yield _next_window(buffer, track, index, window, min_window, max_pause, final=len(buffer) <= window)
             index += 1
     finally:
         if opened is not None:
             opened.close()
 
 
-def _next_window(buffer: _SampleBuffer, index: int, window: int, min_window: int, max_pause: int,
-                 vad: SpeechDetector | None, final: bool) -> AudioWindow:
+def _ready(buffer: _SampleBuffer, track: _VadTrack | None, window: int) -> bool:
+    """Whether the next window can be cut before the stream ends, whatever follows."""
+    if track is None:
+        return len(buffer) >= window  # a fixed window does not depend on what comes after it
+    # With VAD the cut depends on whether more audio follows, so wait for one sample past the window,
+    # and for the VAD to have analysed every frame the window touches.
+    return len(buffer) > window and track.analyse(buffer, _frames_to_cover(buffer.start + window), end_of_stream=False)
+
+
+def _frames_to_cover(sample: int) -> int:
+    """How many VAD frames (from the stream start) it takes to cover samples [0, sample)."""
+    return -(-sample // FRAME_SAMPLES)
+
+
+def _next_window(buffer: _SampleBuffer, track: _VadTrack | None, index: int, window: int, min_window: int,
+                 max_pause: int, final: bool) -> AudioWindow:
+    start = buffer.start
     candidate = buffer.peek(window)  # (n,) n <= window
     n = candidate.shape[0]
     speech = None
     cut = n
-    if vad is not None:
-        probs = vad.speech_probabilities(candidate)
-        regions = vad.regions_from_probabilities(probs, n)
-        cut = _choose_cut(regions, probs, vad.silence_threshold, n, min_window, max_pause, final)
-        speech = any(start < cut for start, _ in regions)
-    start = buffer.start
+    if track is not None:
+        # The frames that lie inside the candidate (at the end of the stream, also the zero-padded last one).
+        first = _frames_to_cover(start)
+        last = _frames_to_cover(start + n) if final else (start + n) // FRAME_SAMPLES
+        probs = track.probabilities(first, max(first, last))
+        offset = first * FRAME_SAMPLES - start  # candidate offset of the first frame (0..511)
+        regions = [SpeechRegion(a + offset, b + offset)
+                   for a, b in track.detector.regions_from_probabilities(probs, n - offset)]
+        cut = _choose_cut(regions, probs, offset, track.detector.silence_threshold, n, min_window, max_pause, final)
+        speech = any(a < cut for a, _ in regions)
+        track.forget((start + cut) // FRAME_SAMPLES)
     samples = candidate[:cut].copy() if cut < n else candidate
     buffer.drop(cut)
     return AudioWindow(index=index, start=start / SAMPLE_RATE, end=(start + cut) / SAMPLE_RATE,
                        samples=samples, speech=speech)
 
 
-def _choose_cut(regions: list[SpeechRegion], probs: np.ndarray, quiet_below: float, n: int, min_window: int,
-                max_pause: int, final: bool) -> int:
+def _choose_cut(regions: list[SpeechRegion], probs: np.ndarray, offset: int, quiet_below: float, n: int,
+                min_window: int, max_pause: int, final: bool) -> int:
     """Where the window ends, in samples from its start (0 < cut <= n); see ``iter_windows`` for the rules.
 
+    ``regions`` are in candidate samples; ``probs[i]`` covers candidate samples [offset + 512 i, + 512).
     Speech/no-speech decisions use the VAD's regions (which ignore blips shorter than its minimum speech);
     the cut itself goes in a run of quiet frames, so it never lands in a word onset too short to be a region.
     """
@@ -398,7 +422,7 @@ def _choose_cut(regions: list[SpeechRegion], probs: np.ndarray, quiet_below: flo
     if regions[0].start >= max_pause:
         return regions[0].start  # a long leading silence becomes a window of its own
     # Pauses between speech regions, and after the last one (when it ends before the candidate does).
-    pauses = [(a.end, b.start) for a, b in zip(regions, regions[1:])]
+    pauses = [(a.end, b.start) for a, b in pairwise(regions)]
     if regions[-1].end < n:
         pauses.append((regions[-1].end, n))
     for begin, end in pauses:
@@ -407,26 +431,79 @@ def _choose_cut(regions: list[SpeechRegion], probs: np.ndarray, quiet_below: flo
     if final:
         return n
     best = None
-    for begin, end in _quiet_runs(probs < quiet_below, n):
-        lo, hi = max(begin, min_window), end
+    for begin, end in _quiet_runs(probs < quiet_below):
+        lo, hi = max(offset + begin, min_window), min(offset + end, n)
         if hi > lo and (best is None or hi - lo >= best[1] - best[0]):
             best = (lo, hi)  # the longest quiet stretch in the search zone; ties go to the later one
     if best is not None:
         return (best[0] + best[1]) // 2
     # No quiet frame in the zone (continuous speech): cut in the middle of the least speech-like frame.
-    first = -(-min_window // FRAME_SAMPLES)
-    last = min(len(probs), n // FRAME_SAMPLES)
-    if last <= first:
+    first = max(0, -(-(min_window - offset) // FRAME_SAMPLES))
+    if first >= len(probs):
         return n
-    frame = last - 1 - int(np.argmin(probs[first:last][::-1]))  # the latest minimum
-    return frame * FRAME_SAMPLES + FRAME_SAMPLES // 2
+    frame = len(probs) - 1 - int(np.argmin(probs[first:][::-1]))  # the latest minimum
+    return min(offset + frame * FRAME_SAMPLES + FRAME_SAMPLES // 2, n)
 
 
-def _quiet_runs(quiet: np.ndarray, n: int) -> list[tuple[int, int]]:
-    """Maximal runs of quiet frames as [begin, end) sample offsets, clipped to n samples."""
+def _quiet_runs(quiet: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of quiet frames as [begin, end) sample offsets from the first frame."""
     edges = np.diff(np.concatenate([[0], quiet.astype(np.int8), [0]]))
     starts, stops = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    return [(int(a) * FRAME_SAMPLES, min(int(b) * FRAME_SAMPLES, n)) for a, b in zip(starts, stops)]
+    return [(int(a) * FRAME_SAMPLES, int(b) * FRAME_SAMPLES) for a, b in zip(starts, stops)]
+
+
+class _VadTrack:
+    """Speech probabilities of the stream's 512-sample frames, on the absolute frame grid, each computed once.
+
+    Frames are analysed in fixed groups of ``VAD_GROUP_FRAMES`` at fixed positions, carrying the detector's
+    ``VadState`` across groups; only the last group at the end of the stream is shorter (and its last frame
+    zero-padded). Batch shapes, and so every float, are the same however the samples arrived.
+    """
+
+    def __init__(self, detector: SpeechDetector) -> None:
+        self.detector = detector
+        self.state = VadState.initial()  # recurrent state after the last analysed frame
+        self.first = 0  # absolute index of the first kept frame probability
+        self._probs: deque[np.ndarray] = deque()  # kept probabilities, one array per group, in order
+        self._kept = 0  # frames held in _probs
+        self.ended = False  # the stream's last (partial) group was analysed
+
+    @property
+    def analysed(self) -> int:
+        """Frames analysed so far (absolute)."""
+        return self.state.frames
+
+    def analyse(self, buffer: _SampleBuffer, frames: int, *, end_of_stream: bool) -> bool:
+        """Analyse groups until at least ``frames`` frames are done; False if that needs samples not yet here."""
+        stream_end = buffer.start + len(buffer)
+        while self.analysed < frames and not self.ended:
+            begin = self.analysed * FRAME_SAMPLES
+            stop = begin + VAD_GROUP_FRAMES * FRAME_SAMPLES
+            if stop > stream_end:
+                if not end_of_stream:
+                    return False
+                stop, self.ended = stream_end, True
+            samples = buffer.read(begin, stop)
+            pad = -samples.shape[0] % FRAME_SAMPLES
+            if pad:
+                samples = np.concatenate([samples, np.zeros(pad, np.float32)])
+            probs, self.state = self.detector.stream_probabilities(samples, self.state)
+            self._probs.append(probs)
+            self._kept += probs.shape[0]
+        return True
+
+    def probabilities(self, first: int, last: int) -> np.ndarray:
+        """Probabilities of frames [first, last) (absolute; all analysed and not forgotten)."""
+        if first < self.first or last > self.first + self._kept:
+            raise RuntimeError(f"VAD frames [{first}, {last}) not available (kept {self.first}..{self.first + self._kept})")
+        kept = np.concatenate(self._probs) if len(self._probs) != 1 else self._probs[0]
+        return kept[first - self.first : last - self.first]
+
+    def forget(self, before: int) -> None:
+        """Drop probabilities of frames before ``before`` (absolute)."""
+        while self._probs and self.first + self._probs[0].shape[0] <= before:
+            self.first += self._probs[0].shape[0]
+            self._kept -= self._probs.popleft().shape[0]
 
 
 def _check_block(block) -> np.ndarray:
@@ -442,7 +519,7 @@ def _check_block(block) -> np.ndarray:
 
 
 def _seconds_to_samples(seconds: float, label: str) -> int:
-    samples = int(round(float(seconds) * SAMPLE_RATE))
+    samples = round(float(seconds) * SAMPLE_RATE)
     if samples <= 0:
         raise ValueError(f"{label} must be positive, got {seconds}")
     return samples
@@ -483,6 +560,20 @@ class _SampleBuffer:
         head = np.concatenate(merged)
         self._blocks.appendleft(head)
         return head
+
+    def read(self, begin: int, stop: int) -> np.ndarray:
+        """A copy of the samples at absolute offsets [begin, stop), all still buffered."""
+        if begin < self.start or stop > self.start + self._size:
+            raise RuntimeError(f"samples [{begin}, {stop}) are not buffered ({self.start}..{self.start + self._size})")
+        parts, offset = [], self.start
+        for block in self._blocks:
+            lo, hi = max(begin, offset), min(stop, offset + block.shape[0])
+            if lo < hi:
+                parts.append(block[lo - offset : hi - offset])
+            offset += block.shape[0]
+            if offset >= stop:
+                break
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def drop(self, n: int) -> None:
         """Forget the first n samples."""

@@ -4,8 +4,8 @@ The ``silero-vad`` package ships its TorchScript model, so nothing is downloaded
 own modules (STFT front end, conv encoder, output head) and the LSTM cell's weights, but run them
 batched: the front end and encoder see one 512-sample frame (plus 64 samples of left context) at a time
 and do not depend on the recurrent state, so all frames of a call go through them as one batch; only
-the 128-unit LSTM cell runs step by step. That is tens of times faster than feeding the model frame by
-frame and matches it to ~3e-5 in probability.
+the 128-unit LSTM cell runs step by step (one ``nn.LSTM`` call with the cell's weights). That is tens of
+times faster than feeding the model frame by frame and matches it to ~3e-5 in probability.
 
 The recurrent state lives in a ``VadState`` the caller holds; ``speech_probabilities`` starts every call
 from ``VadState.initial()`` (what silero expects per file), so its result depends only on its input.
@@ -15,6 +15,7 @@ Never use silero's ``read_audio``/``save_audio``: they need torchaudio, which br
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -28,6 +29,7 @@ __all__ = ["CONTEXT_SAMPLES", "FRAME_SAMPLES", "SpeechDetector", "SpeechRegion",
 FRAME_SAMPLES = 512  # samples per VAD frame at 16 kHz (32 ms): one probability each
 CONTEXT_SAMPLES = 64  # samples of the previous frame the model sees before each frame
 _HIDDEN = 128  # Silero's LSTM width
+_BATCH_FRAMES = 4096  # frames per batch in speech_probabilities (~2 min of audio, ~20 MB of activations)
 
 
 class SpeechRegion(NamedTuple):
@@ -57,51 +59,60 @@ class VadState:
 
 
 class _SileroNet(torch.nn.Module):
-    """Silero's 16 kHz network, rearranged: the stateless front end runs all frames of a chunk as one batch.
-
-    The recurrence (a 128-unit LSTM cell) runs in a plain numpy loop: its per-step matrices are tiny, and
-    torch's intra-op threads made it up to 100x slower (and erratic) on a busy 2-core machine.
-    """
+    """Silero's 16 kHz network, rearranged: the stateless front end runs all frames of a chunk as one batch."""
 
     def __init__(self, jit_model) -> None:
         super().__init__()
-        inner = jit_model._model  # the 16 kHz VADRNNJIT: stft, encoder, decoder(rnn, decoder)
+        inner = getattr(jit_model, "_model", None)  # the 16 kHz VADRNNJIT: stft, encoder, decoder(rnn, decoder)
+        if inner is None or not all(hasattr(inner, n) for n in ("stft", "encoder", "decoder")):
+            raise RuntimeError("unexpected Silero VAD model layout; install silero-vad>=6.2.2,<7")
         self.stft = inner.stft
         self.encoder = inner.encoder
         self.head = inner.decoder.decoder  # Dropout, ReLU, Conv1d(128, 1, 1), Sigmoid
-        cell = inner.decoder.rnn  # LSTMCell(128, 128), gates stacked as input, forget, cell, output
+        cell = inner.decoder.rnn  # LSTMCell(128, 128): the same gate layout as a one-layer nn.LSTM
+        self.lstm = torch.nn.LSTM(_HIDDEN, _HIDDEN)
         with torch.no_grad():
-            self._w_ih_t = cell.weight_ih.detach().float().cpu().numpy().T.copy()  # (128, 512)
-            self._w_hh_t = cell.weight_hh.detach().float().cpu().numpy().T.copy()  # (128, 512)
-            self._bias = (cell.bias_ih + cell.bias_hh).detach().float().cpu().numpy()  # (512,)
+            self.lstm.weight_ih_l0.copy_(cell.weight_ih)
+            self.lstm.weight_hh_l0.copy_(cell.weight_hh)
+            self.lstm.bias_ih_l0.copy_(cell.bias_ih)
+            self.lstm.bias_hh_l0.copy_(cell.bias_hh)
         self.eval()
 
     def forward(self, frames: torch.Tensor, state: VadState) -> tuple[np.ndarray, VadState]:
         # frames: (F, 512) on the model's device -> probabilities (F,) float32 numpy
-        context = torch.from_numpy(state.context).to(frames.device)
+        device = frames.device
+        context = torch.from_numpy(state.context).to(device)
         previous = torch.cat([context[None], frames[:-1, -CONTEXT_SAMPLES:]], dim=0)  # (F, 64)
         x = torch.cat([previous, frames], dim=1)  # (F, 576)
-        features = self.encoder(self.stft(x)).squeeze(-1).float().cpu().numpy()  # (F, 128)
-        hidden, h, c = self._recur(features, state.h, state.c)  # (F, 128)
-        out = self.head(torch.from_numpy(hidden).to(frames.device)[:, :, None])  # (F, 1, 1)
-        probs = out.squeeze(1).mean(dim=-1).cpu().numpy().astype(np.float32, copy=False)
-        last = frames[-1, -CONTEXT_SAMPLES:].cpu().numpy().copy()
-        return probs, VadState(h=h, c=c, context=last, frames=state.frames + frames.shape[0])
-
-    def _recur(self, features: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, ...]:
-        gates_in = features @ self._w_ih_t + self._bias  # (F, 512): the input part of every step at once
-        hidden = np.empty((features.shape[0], _HIDDEN), np.float32)
-        w_hh_t, n = self._w_hh_t, _HIDDEN
-        for t in range(features.shape[0]):
-            g = gates_in[t] + h @ w_hh_t  # (512,)
-            s = 0.5 + 0.5 * np.tanh(0.5 * g)  # sigmoid of all gates (overflow-free); the cell gate uses tanh
-            c = s[n : 2 * n] * c + s[:n] * np.tanh(g[2 * n : 3 * n])
-            h = s[3 * n :] * np.tanh(c)
-            hidden[t] = h
-        return hidden, h.astype(np.float32), c.astype(np.float32)
+        features = self.encoder(self.stft(x)).squeeze(-1)  # (F, 128)
+        h0 = torch.from_numpy(state.h).to(device)[None, None]  # (1, 1, 128)
+        c0 = torch.from_numpy(state.c).to(device)[None, None]
+        hidden, (h, c) = self.lstm(features[:, None, :], (h0, c0))  # (F, 1, 128): one step per frame
+        probs = self.head(hidden[:, 0, :, None]).squeeze(1).mean(dim=-1)  # (F,)
+        return probs.cpu().numpy().astype(np.float32, copy=False), VadState(
+            h=h[0, 0].cpu().numpy().copy(), c=c[0, 0].cpu().numpy().copy(),
+            context=frames[-1, -CONTEXT_SAMPLES:].cpu().numpy().copy(), frames=state.frames + frames.shape[0])
 
 
 _LOAD_LOCK = threading.Lock()
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Run torch ops with ``n`` intra-op threads, then restore the previous count.
+
+    With torch's OpenMP backend the setting belongs to the calling thread (other threads' running ops
+    keep theirs), so this is safe next to a transcriber working in another thread.
+    """
+    previous = torch.get_num_threads()
+    if n is None or n == previous:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _import_silero():
@@ -112,8 +123,9 @@ def _import_silero():
         from silero_vad.utils_vad import get_speech_timestamps_from_probs
     except ImportError as exc:
         raise ImportError(
-            "voice activity detection needs the `silero-vad` package (it ships its model; no download): "
-            "pip install silero-vad  (never its [audio] extra: torchaudio breaks CPU installs)"
+            "voice activity detection needs the `silero-vad` package, version 6.2.2 or later (it ships its "
+            "model; no download): pip install 'silero-vad>=6.2.2,<7'  (never its [audio] extra: torchaudio "
+            "breaks CPU installs)"
         ) from exc
     finally:
         torch.set_num_threads(threads)
@@ -134,9 +146,12 @@ class SpeechDetector:
         min_speech_ms: int = 250,
         speech_pad_ms: int = 30,
         device: str | torch.device = "cpu",
+        num_threads: int | None = 1,
     ) -> None:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"threshold must be a probability in (0, 1), got {threshold}")
+        if num_threads is not None and num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1 (or None to leave torch's setting), got {num_threads}")
         for label, value in (("min_silence_ms", min_silence_ms), ("min_speech_ms", min_speech_ms),
                              ("speech_pad_ms", speech_pad_ms)):
             if value < 0:
@@ -146,6 +161,10 @@ class SpeechDetector:
         self.min_speech_ms = min_speech_ms  # regions shorter than this are dropped (ms)
         self.speech_pad_ms = speech_pad_ms  # regions are widened by this much on each side (ms)
         self.device = torch.device(device)
+        # Torch intra-op threads while the detector runs (restored after each call); None leaves torch alone.
+        # One is fastest for this tiny model: extra threads mostly wait on each other, and on a busy
+        # 2-core machine they made it 10-50x slower.
+        self.num_threads = num_threads
         self._net: _SileroNet | None = None
         self._to_regions = None
 
@@ -188,7 +207,8 @@ class SpeechDetector:
             return np.zeros(0, np.float32), state
         net = self._model()
         frames = torch.from_numpy(wave).to(self.device).view(-1, FRAME_SAMPLES)  # (F, 512)
-        return net(frames, state)
+        with _torch_threads(self.num_threads):
+            return net(frames, state)
 
     def speech_probabilities(self, samples: np.ndarray) -> np.ndarray:
         """Speech probability per 512-sample frame of a whole wave, from a fresh state.
@@ -200,8 +220,12 @@ class SpeechDetector:
         pad = -wave.shape[0] % FRAME_SAMPLES
         if pad:
             wave = np.concatenate([wave, np.zeros(pad, np.float32)])
-        probs, _ = self.stream_probabilities(wave, VadState.initial())
-        return probs
+        state, parts = VadState.initial(), []
+        step = _BATCH_FRAMES * FRAME_SAMPLES  # fixed batches bound memory for hour-long waves
+        for begin in range(0, wave.shape[0], step):
+            probs, state = self.stream_probabilities(wave[begin : begin + step], state)
+            parts.append(probs)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def regions_from_probabilities(self, probs: np.ndarray, num_samples: int) -> list[SpeechRegion]:
         """Speech regions (sample offsets) of a wave of ``num_samples`` samples from its frame probabilities.
