@@ -109,3 +109,29 @@ def test_spoken_question_with_image(model_and_processor):
     assert session.cache.mark().lengths == lengths  # rolled back to the end of the lecture
     with pytest.raises(ValueError, match="needs text, audio or an image"):
         session.answer()
+
+
+def test_session_from_file_equals_session_from_small_blocks(model_and_processor, tmp_path):
+    """Streamed equals offline: the cache does not depend on how the audio arrived."""
+    import soundfile as sf
+
+    from lyra.engine.ingest import iter_windows
+
+    model, processor = model_and_processor
+    wave = (lecture(40.0, seed=7) * 0.5).astype(np.float32)
+    path = tmp_path / "lecture.wav"
+    sf.write(path, wave, SAMPLE_RATE, subtype="FLOAT")
+
+    def build(windows):
+        session = LectureSession(model, processor)
+        for window in windows:
+            session.add_window(window)
+        session.close_audio()
+        return session
+
+    whole = build(iter_windows(str(path)))
+    blocks = (wave[i:i + 4001] for i in range(0, len(wave), 4001))
+    streamed = build(iter_windows(blocks))
+    assert whole.info == streamed.info
+    for a, b in zip(whole.cache.kv.layers, streamed.cache.kv.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
