@@ -32,7 +32,7 @@ import soxr
 from lyra.engine.events import AudioWindow
 from lyra.engine.vad import FRAME_SAMPLES, SpeechDetector, SpeechRegion, VadState
 
-from lyra.audio import _RESAMPLE_QUALITY, SUPPORTED_FORMATS, AudioError, _classify_failure, _finish
+from lyra.audio import _RESAMPLE_QUALITY, AudioError, _classify_failure, _finish, existing_audio_path
 from lyra.constants import SAMPLE_RATE, WINDOW_SAMPLES, WINDOW_SECONDS
 
 __all__ = ["AudioSource", "RawFormat", "iter_windows", "open_audio"]
@@ -157,11 +157,7 @@ def open_audio(source: str | os.PathLike | BinaryIO, *, raw: RawFormat | None = 
     if isinstance(source, (str, os.PathLike)) and os.fspath(source) == "-":
         return _open_stream(getattr(sys.stdin, "buffer", sys.stdin), "<stdin>", raw, owned=False)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise AudioError(f"{path}: audio file not found; check the path (working dir: {Path.cwd()})")
-        if not path.is_file():
-            raise AudioError(f"{path}: is not a file; pass the path of an audio file ({SUPPORTED_FORMATS})")
+        path = existing_audio_path(source)
         size = path.stat().st_size
         if size == 0:
             raise AudioError(f"{path}: audio file is empty (0 bytes); pass a file that contains audio")

@@ -66,6 +66,16 @@ class AudioArray:
 AudioSource = str | os.PathLike | bytes | bytearray | memoryview | BinaryIO | AudioArray | tuple | np.ndarray
 
 
+def existing_audio_path(source: str | os.PathLike) -> Path:
+    """`source` as a Path, or an `AudioError` when it is missing or not a file."""
+    path = Path(source)
+    if not path.exists():
+        raise AudioError(f"{path}: audio file not found; check the path (working dir: {Path.cwd()})")
+    if not path.is_file():
+        raise AudioError(f"{path}: is not a file; pass the path of an audio file ({SUPPORTED_FORMATS})")
+    return path
+
+
 def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Decode ``source`` into a mono float32 waveform at ``sample_rate`` Hz, values clipped to [-1, 1].
 
@@ -93,11 +103,7 @@ def load_audio(source: AudioSource, *, sample_rate: int = SAMPLE_RATE) -> np.nda
     if isinstance(source, np.ndarray):
         return _from_array(source, sample_rate, sample_rate, "<array>")
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise AudioError(f"{path}: audio file not found; check the path (working dir: {Path.cwd()})")
-        if not path.is_file():
-            raise AudioError(f"{path}: is not a file; pass the path of an audio file ({SUPPORTED_FORMATS})")
+        path = existing_audio_path(source)
         with open(path, "rb") as f:
             head = f.read(16)
         return _decode(str(path), head, str(path), path.suffix.lower(), sample_rate)

@@ -52,6 +52,17 @@ def randomize_lora(model, seed: int = 0):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
+@pytest.fixture(scope="module")
+def model_and_processor():
+    """A tiny random model with the real Qwen2 tokenizer's processor."""
+    from lyra import LyraForConditionalGeneration, LyraProcessor, assets
+
+    torch.manual_seed(0)
+    config = tiny_config()
+    model = LyraForConditionalGeneration(config).eval()
+    return model, LyraProcessor.for_model(config, assets.qwen2_tokenizer())
+
+
 @pytest.fixture
 def tiny_model():
     from lyra import LyraForConditionalGeneration

@@ -4,20 +4,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_config
-
-from lyra import LyraForConditionalGeneration, LyraProcessor, assets
-from lyra.constants import SAMPLE_RATE, WINDOW_SAMPLES
 from lyra.engine.events import AudioWindow
 from lyra.engine.session import LectureSession, SessionError
 
-
-@pytest.fixture(scope="module")
-def model_and_processor():
-    torch.manual_seed(0)
-    config = tiny_config()
-    model = LyraForConditionalGeneration(config).eval()
-    processor = LyraProcessor.for_model(config, assets.qwen2_tokenizer())
-    return model, processor
+from lyra import LyraForConditionalGeneration
+from lyra.constants import SAMPLE_RATE, WINDOW_SAMPLES
 
 
 def windows_of(wave: np.ndarray) -> list[AudioWindow]:
@@ -114,7 +105,6 @@ def test_spoken_question_with_image(model_and_processor):
 def test_session_from_file_equals_session_from_small_blocks(model_and_processor, tmp_path):
     """Streamed equals offline: the cache does not depend on how the audio arrived."""
     import soundfile as sf
-
     from lyra.engine.ingest import iter_windows
 
     model, processor = model_and_processor

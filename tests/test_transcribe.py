@@ -2,22 +2,15 @@
 
 import numpy as np
 import pytest
-import torch
-from conftest import tiny_config
-
-from lyra import LyraForConditionalGeneration, LyraProcessor, assets
-from lyra.constants import SAMPLE_RATE
 from lyra.engine.events import AudioWindow
-from lyra.engine.transcribe import Transcriber, TranscribeOptions, _Decode, compression_ratio
+from lyra.engine.transcribe import TranscribeOptions, Transcriber, _Decode, compression_ratio
+
+from lyra.constants import SAMPLE_RATE
 
 
 @pytest.fixture(scope="module")
-def transcriber():
-    torch.manual_seed(0)
-    config = tiny_config()
-    model = LyraForConditionalGeneration(config).eval()
-    processor = LyraProcessor.for_model(config, assets.qwen2_tokenizer())
-    return Transcriber(model, processor, TranscribeOptions(max_new_tokens=5))
+def transcriber(model_and_processor):
+    return Transcriber(*model_and_processor, TranscribeOptions(max_new_tokens=5))
 
 
 def window(i, seconds=3.0, speech=None):
