@@ -30,6 +30,7 @@ from lyra.engine.events import AudioWindow
 
 SESSION_FORMAT = 1  # bump when the folder layout changes
 DEFAULT_MAX_SECONDS = 2 * 60 * 60  # questions about at most two hours of audio
+DEFAULT_EXTRACT_QUERY = "Remember what is said: the facts, names, numbers and dates."  # scores windows at ingest
 _QUESTION_SLOT = "\u0000question\u0000"  # stands where the question goes while the prompt template is split
 
 
@@ -75,12 +76,16 @@ class LectureSession:
         adapter: str | None = LONG_SPEECH_ADAPTER,
         max_seconds: float = DEFAULT_MAX_SECONDS,
         source: str = "",
+        extract_query: str = DEFAULT_EXTRACT_QUERY,
     ):
         self.model = model
         self.processor = processor
         self.adapter = adapter if adapter is None or adapter in model.adapters.names else None
         self.max_seconds = max_seconds
         self.source = source
+        # The extractor keeps the speech tokens its text queries attend to. Questions come after the audio,
+        # so each window is scored by this generic query, which leaves the cache again right after pruning.
+        self._extract_query_ids = processor.tokenizer(f"\n{extract_query}", add_special_tokens=False)["input_ids"]
         prompt = processor.apply_chat_template(
             [{"role": "user", "content": f"{SPEECH_PLACEHOLDER}\n{_QUESTION_SLOT}"}], add_generation_prompt=True
         )
@@ -111,7 +116,17 @@ class LectureSession:
         n = self.processor.window_token_count(len(samples))
         features = torch.from_numpy(self.processor.window_features([samples]))
         ids = torch.full((1, n), self.processor.speech_token_id, dtype=torch.long)
+        query = self._extract_query_ids if self.model.extractor_config.enabled else []
+        if query:
+            ids = torch.cat([ids, torch.tensor([query])], dim=1)
         self._forward(ids, input_features=features, speech_token_counts=torch.tensor([n]))
+        if query:  # text is never dropped and keeps its order: the query is the last len(query) keys everywhere
+            q = len(query)
+            self.cache.rollback(CacheMark(
+                lengths=tuple(v.shape[1] - q for v in self.cache.key_valid),
+                next_position=self.cache.next_position - q,
+                adapter=self.cache.adapter,
+            ))
         self._windows += 1
         self._speech_tokens += n
         return n

@@ -91,6 +91,20 @@ def transcribe(audio, fmt, output, resume, vad, max_new_tokens, raw_rate, raw_fo
         _fail(error)
 
 
+KEEP_RATE_OPTION = click.option(
+    "--keep-rate", type=click.FloatRange(0.0, 1.0, min_open=True), default=1.0, show_default=True,
+    help="Token extractor: keep this share of each window's speech tokens at every quarter of the LLM's depth "
+         "(1 = keep all). Shrinks the cache of long --context recordings.")
+
+
+def _apply_keep_rate(loaded, keep_rate: float) -> None:
+    if keep_rate < 1.0:
+        from lyra.configuration import ExtractorConfig
+
+        layers = loaded.model.config.text_config.num_hidden_layers
+        loaded.model.set_extractor(ExtractorConfig(gap=max(1, layers // 4), keep_rate=keep_rate))
+
+
 def _context_session(loaded, context, session_dir, save_session, vad, raw, max_minutes):
     from lyra.engine.jobs import build_session
     from lyra.engine.session import LectureSession
@@ -119,9 +133,10 @@ def _context_session(loaded, context, session_dir, save_session, vad, raw, max_m
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-minutes", default=120.0, show_default=True, help="Audio of --context kept for questions.")
 @click.option("--vad/--no-vad", default=True, show_default=True, help="Skip silence in --context.")
+@KEEP_RATE_OPTION
 @raw_options
 @MODEL_OPTION
-def ask(images, audio, text, context, session_dir, max_new_tokens, max_minutes, vad, raw_rate, raw_format,
+def ask(images, audio, text, context, session_dir, max_new_tokens, max_minutes, vad, keep_rate, raw_rate, raw_format,
         raw_channels, model):
     """Ask about images, a lecture (--context / --session) or nothing at all; the answer streams out."""
     from lyra.audio import AudioError
@@ -132,6 +147,7 @@ def ask(images, audio, text, context, session_dir, max_new_tokens, max_minutes, 
     if audio is None and not text and not images:
         raise click.UsageError("give a question: --text, --audio or --image")
     loaded = _load(model)
+    _apply_keep_rate(loaded, keep_rate)
     raw = _raw_format(raw_rate, raw_format, raw_channels)
     try:
         save = session_dir if context is not None else None
@@ -158,8 +174,9 @@ def ask(images, audio, text, context, session_dir, max_new_tokens, max_minutes, 
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--max-minutes", default=120.0, show_default=True)
 @click.option("--vad/--no-vad", default=True, show_default=True)
+@KEEP_RATE_OPTION
 @MODEL_OPTION
-def chat(context, session_dir, max_new_tokens, max_minutes, vad, model):
+def chat(context, session_dir, max_new_tokens, max_minutes, vad, keep_rate, model):
     """Ingest a lecture once, then ask question after question (one per line; empty line or /quit ends)."""
     from lyra.audio import AudioError
     from lyra.engine.session import SessionError
@@ -167,6 +184,7 @@ def chat(context, session_dir, max_new_tokens, max_minutes, vad, model):
     if context is None and session_dir is None:
         raise click.UsageError("give --context LONG.wav or --session DIR")
     loaded = _load(model)
+    _apply_keep_rate(loaded, keep_rate)
     try:
         save = session_dir if context is not None else None
         session = _context_session(loaded, context, None if context else session_dir, save, vad, None, max_minutes)

@@ -111,6 +111,13 @@ def test_ask_with_context_then_session(model_dir, lecture_wav, tmp_path):
     chat = run(["chat", "--session", str(session), "--max-new-tokens", "5", "--model", str(model_dir)],
                input="What is a harbour?\n/quit\n")
     assert live.stdout.strip() in chat.stdout
+    pruned = tmp_path / "pruned"
+    run(["ask", "--context", str(lecture_wav), "--session", str(pruned), "--keep-rate", "0.5", "--text", "Why?",
+         "--max-new-tokens", "2", "--model", str(model_dir)])
+    import json
+
+    info = json.loads((pruned / "session.json").read_text())["info"]
+    assert info["cached_tokens"] < json.loads((session / "session.json").read_text())["info"]["cached_tokens"]
 
 
 def test_clear_errors(model_dir, tmp_path):

@@ -125,3 +125,25 @@ def test_session_from_file_equals_session_from_small_blocks(model_and_processor,
     assert whole.info == streamed.info
     for a, b in zip(whole.cache.kv.layers, streamed.cache.kv.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_token_extraction_at_ingest(model_and_processor):
+    """With the extractor on, each window keeps only part of its speech tokens in the deeper layers."""
+    from lyra import ExtractorConfig
+
+    model, processor = model_and_processor
+    wave = lecture(65.0, seed=8)
+    full = ingest(model, processor, wave)
+    model.set_extractor(ExtractorConfig(gap=1, keep_rate=0.5, min_keep=16))
+    try:
+        pruned = ingest(model, processor, wave)
+        lengths, full_lengths = pruned.cache.mark().lengths, full.cache.mark().lengths
+        assert lengths[0] == full_lengths[0]  # layer 0 saw every token
+        header = full_lengths[0] - full.info.speech_tokens
+        # 3 layers, prunes after layers 0 and 1: per window 300 -> 150 -> 75, 300 -> ..., 50 -> 25 -> 16
+        assert lengths[1] == header + 150 + 150 + 25 and lengths[2] == header + 75 + 75 + 16
+        assert torch.equal(pruned.cache.next_position, full.cache.next_position)  # positions are not compacted
+        answer = pruned.answer("What was it about?", max_new_tokens=4)
+        assert pruned.answer("What was it about?", max_new_tokens=4) == answer
+    finally:
+        model.set_extractor(ExtractorConfig())
