@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig, Qwen2VLConfig, WhisperConfig
+from transformers import AutoConfig, PreTrainedConfig, Qwen2VLConfig, WhisperConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from lyra.constants import ENCODER_FRAMES_PER_WINDOW
@@ -173,6 +173,10 @@ def _coerce(value, cls, default):
         return value
     return cls(**value)
 
+
+# Known to the Auto classes, so loading a tokenizer or processor from a Lyra model folder (whose config.json
+# says "lyra") does not make transformers warn about an unknown model type.
+AutoConfig.register(LyraConfig.model_type, LyraConfig, exist_ok=True)
 
 __all__ = [
     "LONG_SPEECH_ADAPTER",

@@ -232,6 +232,7 @@ class LyraProcessor:
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> LyraProcessor:
         """Load what ``save_pretrained`` wrote; a local folder only (Lyra never downloads at run time)."""
+        import lyra.configuration  # noqa: F401  registers "lyra" with AutoConfig: model folders load quietly
         root = Path(directory)
         settings_path = root / SETTINGS_FILE
         for needed in (settings_path, root / IMAGE_PROCESSOR_DIR, root / FEATURE_EXTRACTOR_DIR):
