@@ -118,6 +118,8 @@ def build_session(
     err = err or sys.stderr
     source = open_audio(audio, raw=raw)
     session = LectureSession(model, processor, max_seconds=max_seconds, source=source.name)
+    if source.duration:
+        session.expect_seconds(source.duration)
     detector = SpeechDetector() if vad else None
     start = time.perf_counter()
     bar = _progress_bar(min(source.duration or 0, max_seconds) or None, err, "listening")

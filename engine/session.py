@@ -9,6 +9,7 @@ A session saves to a folder and reopens without touching the audio again.
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from lyra.configuration import LONG_SPEECH_ADAPTER
-from lyra.constants import SAMPLE_RATE, SPEECH_PLACEHOLDER
+from lyra.constants import SAMPLE_RATE, SPEECH_PLACEHOLDER, WINDOW_SECONDS
+from lyra.extractor import is_pruning_layer
 from lyra.modeling import CacheMark, LyraCache, LyraForConditionalGeneration
 from lyra.processing import LyraProcessor
 from lyra.engine.answer import question_text, stream_text
@@ -30,6 +32,7 @@ from lyra.engine.events import AudioWindow
 
 SESSION_FORMAT = 1  # bump when the folder layout changes
 DEFAULT_MAX_SECONDS = 2 * 60 * 60  # questions about at most two hours of audio
+QUESTION_ROOM = 1024  # cache positions reserved past the audio for a question, its answer and the ingest query
 DEFAULT_EXTRACT_QUERY = "Remember what is said: the facts, names, numbers and dates."  # scores windows at ingest
 _QUESTION_SLOT = "\u0000question\u0000"  # stands where the question goes while the prompt template is split
 
@@ -93,6 +96,7 @@ class LectureSession:
         self._before_question, self._after_question = rest.split(_QUESTION_SLOT)
         self.cache: LyraCache | None = None
         self._mark: CacheMark | None = None
+        self._reserve_seconds: float | None = None
         self._audio_seconds = 0.0
         self._windows = 0
         self._skipped = 0
@@ -106,6 +110,8 @@ class LectureSession:
             raise SessionError("the audio of this session is closed; start a new session for more audio")
         if self.cache is None:
             self._prefill_text(self._before_speech)
+            if self._reserve_seconds:
+                self.cache.reserve(self._expected_lengths(self._reserve_seconds))
         self._audio_seconds = max(self._audio_seconds, window.end)
         if window.speech is False or window.start >= self.max_seconds:
             self._skipped += 1
@@ -130,6 +136,26 @@ class LectureSession:
         self._windows += 1
         self._speech_tokens += n
         return n
+
+    def expect_seconds(self, seconds: float) -> None:
+        """Say how much audio will come (a file's duration): the cache then reserves its room up front
+        instead of growing by copies. Call before the first window."""
+        self._reserve_seconds = min(seconds, self.max_seconds)
+
+    def _expected_lengths(self, seconds: float) -> list[int]:
+        """Per layer: keys held after `seconds` of audio plus room for a question and its answer."""
+        extractor = self.model.extractor_config
+        n_layers = len(self.model.language_model.layers)
+        windows = math.ceil(seconds / WINDOW_SECONDS)
+        per_window = self.processor.tokens_per_window
+        lengths = []
+        for layer in range(n_layers):
+            kept = per_window
+            for earlier in range(layer):
+                if is_pruning_layer(earlier, n_layers, extractor):
+                    kept = min(kept, max(extractor.min_keep, math.ceil(extractor.keep_rate * kept)))
+            lengths.append(self.cache.cached_tokens(layer) + windows * kept + QUESTION_ROOM)
+        return lengths
 
     def close_audio(self) -> SessionInfo:
         """End the audio part; the cache is marked here and every question starts from this point."""

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, Qwen2VLForConditionalGeneration, WhisperConfig
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
@@ -57,6 +58,25 @@ class LyraCache:
         """Keys held by one layer (the last by default, the shortest after token extraction)."""
         return int(self.key_valid[layer].shape[1])
 
+    def reserve(self, tokens: list[int]) -> None:
+        """Reserve room for `tokens[i]` cached positions in layer i (the final lengths, when known).
+
+        Later chunks then write into that room instead of re-concatenating the cache; beyond it the layer
+        grows by concatenation as before. Ask for the expected total: after token extraction deeper layers
+        need less.
+        """
+        if len(tokens) != len(self.kv.layers):
+            raise ValueError(f"reserve needs one count per layer ({len(self.kv.layers)}), got {len(tokens)}")
+        for i, n in enumerate(tokens):
+            layer = self.kv.layers[i]
+            if not isinstance(layer, ReservedLayer):
+                reserved = ReservedLayer()
+                if layer.is_initialized:
+                    reserved.lazy_initialization(layer.keys, layer.values)
+                    reserved.keys, reserved.values = layer.keys, layer.values
+                self.kv.layers[i] = layer = reserved
+            layer.capacity = max(layer.capacity, int(n))
+
     def mark(self) -> CacheMark:
         """Remember the current state, to come back to it with `rollback` (e.g. after answering a question)."""
         return CacheMark(
@@ -83,6 +103,58 @@ class LyraCache:
         self.key_valid = new_valid
         self.next_position = mark.next_position.clone()
         self.adapter = mark.adapter
+
+
+class ReservedLayer(DynamicLayer):
+    """A cache layer that writes new keys into storage reserved up front.
+
+    `DynamicLayer` concatenates on every update, copying the whole layer each time (quadratic over a long
+    recording) and briefly holding it twice. With `capacity` set, updates write in place into one buffer of
+    that many positions and `keys`/`values` are views of its filled part; past the capacity (or after the
+    keys were replaced from outside) it falls back to concatenation.
+    """
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity  # positions to reserve at the next allocation
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        filled = self.get_seq_length()
+        need = filled + key_states.shape[-2]
+        if not self._writes_in_place(need):
+            if need > self.capacity:
+                return super().update(key_states, value_states, *args, **kwargs)
+            self._allocate(key_states, value_states, filled)
+        self._key_buffer[..., filled:need, :] = key_states
+        self._value_buffer[..., filled:need, :] = value_states
+        self.keys = self._key_buffer[..., :need, :]
+        self.values = self._value_buffer[..., :need, :]
+        return self.keys, self.values
+
+    def _writes_in_place(self, need: int) -> bool:
+        """True when `keys` is still the start of our buffer (also after a crop) and `need` fits."""
+        buffer = self._key_buffer
+        return (
+            buffer is not None
+            and need <= buffer.shape[-2]
+            and self.keys.dim() == 4
+            and self.keys.data_ptr() == buffer.data_ptr()
+            and self.values.data_ptr() == self._value_buffer.data_ptr()
+        )
+
+    def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor, filled: int) -> None:
+        b, h, _, d = key_states.shape
+        keys = key_states.new_empty(b, h, self.capacity, d)
+        values = value_states.new_empty(b, h, self.capacity, value_states.shape[-1])
+        if filled:
+            keys[..., :filled, :] = self.keys
+            values[..., :filled, :] = self.values
+        self._key_buffer, self._value_buffer = keys, values
+        self.keys, self.values = keys[..., :filled, :], values[..., :filled, :]
 
 
 @dataclass(frozen=True)

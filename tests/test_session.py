@@ -147,3 +147,32 @@ def test_token_extraction_at_ingest(model_and_processor):
         assert pruned.answer("What was it about?", max_new_tokens=4) == answer
     finally:
         model.set_extractor(ExtractorConfig())
+
+
+@pytest.mark.parametrize("keep_rate", [1.0, 0.5])
+def test_reserved_cache_equals_growing_cache(model_and_processor, keep_rate):
+    """Writing into reserved room gives exactly the cache (and answers) that concatenation gives."""
+    from lyra import ExtractorConfig
+    from lyra.modeling import ReservedLayer
+
+    model, processor = model_and_processor
+    model.set_extractor(ExtractorConfig(gap=1 if keep_rate < 1 else 0, keep_rate=keep_rate, min_keep=16))
+    try:
+        wave = lecture(65.0, seed=9)
+        growing = ingest(model, processor, wave)
+        reserved = LectureSession(model, processor)
+        reserved.expect_seconds(65.0)
+        for window in windows_of(wave):
+            reserved.add_window(window)
+        reserved.close_audio()
+        layers = reserved.cache.kv.layers
+        assert all(isinstance(layer, ReservedLayer) for layer in layers)
+        buffers = [layer._key_buffer.data_ptr() for layer in layers]
+        for a, b in zip(growing.cache.kv.layers, layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        for _ in range(2):
+            assert reserved.answer("And then?", max_new_tokens=4) == growing.answer("And then?", max_new_tokens=4)
+        assert [layer._key_buffer.data_ptr() for layer in layers] == buffers  # no re-allocation, no copies
+        assert [layer.keys.data_ptr() for layer in layers] == buffers
+    finally:
+        model.set_extractor(ExtractorConfig())
