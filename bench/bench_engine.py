@@ -453,7 +453,7 @@ def model_shape(name: str, attn: str):
 
 
 def predict_reference(config, params: int, plan: ModelPlan, minutes: float) -> dict:
-    """Predicted bytes of the reference approach: weights + the largest moment of the run.
+    """Predicted bytes of the reference approach (an upper estimate): weights + every phase of the run.
 
     Audio: `load_audio` holds its decoded blocks, their concatenation and the clipped copy at once (3 x 4 B per
     sample). Then log-mel of every window (float32), one encoder batch, every speech token (list + concatenation)
@@ -481,10 +481,9 @@ def predict_reference(config, params: int, plan: ModelPlan, minutes: float) -> d
                  + 3 * inter) * dtype_bytes + 2 * head_dim * 4 * 3
     prefill = tokens * per_token
     scores = heads * tokens * tokens * 4 if plan.attn == "eager" else 0
-    during_load = audio
-    during_encode = audio / 3 + features + encoder + speech_tokens  # the wave is one array by then
-    during_prefill = audio / 3 + features + speech_tokens / 2 + kv + prefill + scores
-    extra = max(during_load, during_encode, during_prefill)
+    # Phases summed, not their maximum: memory freed between phases is not always returned to the OS
+    # (glibc keeps heap chunks), so an upper estimate is the safe one for deciding whether to start.
+    extra = audio + features + encoder + speech_tokens + kv + prefill + scores
     return {"weights": weights, "extra": extra, "total": weights + extra, "kv": kv, "scores": scores,
             "tokens": tokens}
 
@@ -705,7 +704,9 @@ def auto_notes(rows: list[dict], args, skipped: list[str]) -> list[str]:
         notes.append(line + ".")
     notes.append("Runs: " + (f"--runs {args.runs}" if args.runs else
                              "3 per configuration up to 10 min, 1 for longer lectures (one 2-hour run per approach"
-                             " already takes minutes on this machine)") + ".")
+                             " already takes minutes on this machine)")
+                 + (f"; mini: --mini-runs {args.mini_runs} (a mini process spends about a minute building and"
+                    " warming up before its run)" if args.mini_runs else "") + ".")
     notes.extend(skipped)
     notes.append("Streaming `add_window` computes the log-mel in the consumer thread (the prefetch thread only"
                  " decodes and cuts windows), exactly as `build_session` does; \"waiting for audio\" is the time the"
@@ -727,6 +728,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--approaches", default="streaming,reference", help="which approaches to run")
     p.add_argument("--runs", type=int, default=None,
                    help="runs per configuration (default: 3 for lengths <= 10 min, 1 for longer ones)")
+    p.add_argument("--mini-runs", type=int, default=None, help="runs per mini configuration (default: as --runs)")
     p.add_argument("--nano-dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--mini-dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--attn", choices=["sdpa", "eager"], default="sdpa", help="attention kernel")
@@ -797,7 +799,7 @@ def main(argv=None) -> int:
                 skipped.append(f"mini at {minutes:g} min: not run (--mini-lengths {args.mini_lengths}); the"
                                f" whole run must fit in about 45 minutes on this 2-core machine.")
                 continue
-            runs = args.runs or (3 if minutes <= 10 else 1)
+            runs = (args.mini_runs if name == "mini" else None) or args.runs or (3 if minutes <= 10 else 1)
             pair = {}
             for approach in approaches:
                 row = {"model": name, "minutes": minutes, "approach": approach, "dtype": plan.dtype}

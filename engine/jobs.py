@@ -8,20 +8,21 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TextIO
-
-from tqdm import tqdm
 
 from lyra.engine.events import Progress, Segment
 from lyra.engine.formats import SegmentStream, format_timestamp, render, write_atomic
 from lyra.engine.ingest import RawFormat, iter_windows, open_audio
 from lyra.engine.journal import JobIdentity, TranscriptJournal, journal_path
 from lyra.engine.pipeline import prefetch
+from lyra.engine.runner import new_request_id, run_events
 from lyra.engine.session import DEFAULT_MAX_SECONDS, LectureSession
-from lyra.engine.transcribe import Transcriber, TranscribeOptions
+from lyra.engine.transcribe import TranscribeOptions, Transcriber
 from lyra.engine.vad import SpeechDetector
+from tqdm import tqdm
 
 PREFETCH_WINDOWS = 2  # windows decoded ahead of the model
 
@@ -77,18 +78,19 @@ def transcribe_audio(
     completed = False
     try:
         windows = prefetch(iter_windows(source, vad=detector), depth=PREFETCH_WINDOWS)
-        for window, window_segments in transcriber.segments(windows, done=done):
-            if journal is not None and window.index not in done:
-                journal.record(window.index, window_segments)
-            segments.extend(window_segments)
-            for segment in window_segments:
+        work = _transcription_events(transcriber, windows, done, journal, start, source.duration)
+        request_id = new_request_id()
+        for event in run_events(request_id, work):  # the model runs in the engine's worker; this loop writes
+            if isinstance(event, Progress):
+                _advance(bar, event)
+            elif isinstance(event, Segment):
+                segments.append(event)
                 if output is None:
-                    out.write(stream.write(segment))
+                    out.write(stream.write(event))
                     out.flush()
                 else:
-                    bar.write(f"[{format_timestamp(segment.start)} --> {format_timestamp(segment.end)}] {segment.text}",
+                    bar.write(f"[{format_timestamp(event.start)} --> {format_timestamp(event.end)}] {event.text}",
                               file=err)
-            _advance(bar, Progress(window.end, time.perf_counter() - start, source.duration))
         duration = segments[-1].end if segments else 0.0
         if output is None:
             out.write(stream.finish())
@@ -102,6 +104,15 @@ def transcribe_audio(
         if journal is not None:
             journal.close(completed=completed)
     return segments
+
+
+def _transcription_events(transcriber, windows, done, journal, start, total) -> Iterator[Segment | Progress]:
+    """The transcription as events: each window's segments (recorded in the journal first), then progress."""
+    for window, window_segments in transcriber.segments(windows, done=done):
+        if journal is not None and window.index not in done:
+            journal.record(window.index, window_segments)
+        yield from window_segments
+        yield Progress(window.end, time.perf_counter() - start, total)
 
 
 def build_session(

@@ -105,6 +105,18 @@ def _apply_keep_rate(loaded, keep_rate: float) -> None:
         loaded.model.set_extractor(ExtractorConfig(gap=max(1, layers // 4), keep_rate=keep_rate))
 
 
+def _print_answer(deltas) -> None:
+    """Print an answer as it is generated: the model runs in the engine's worker, this loop only prints."""
+    from lyra.engine.events import TextDelta
+    from lyra.engine.runner import new_request_id, run_events, text_events
+
+    rid = new_request_id()
+    for event in run_events(rid, text_events(rid, deltas)):
+        if isinstance(event, TextDelta):
+            click.echo(event.text, nl=False)
+    click.echo()
+
+
 def _context_session(loaded, context, session_dir, save_session, vad, raw, max_minutes):
     from lyra.engine.jobs import build_session
     from lyra.engine.session import LectureSession
@@ -160,9 +172,7 @@ def ask(images, audio, text, context, session_dir, max_new_tokens, max_minutes, 
             )
             inputs = loaded.processor(prompt, images=list(images) or None, audios=[audio] if audio else None)
             deltas = stream_text(loaded.model, loaded.processor, inputs, max_new_tokens=max_new_tokens)
-        for delta in deltas:
-            click.echo(delta, nl=False)
-        click.echo()
+        _print_answer(deltas)
     except (AudioError, ImageError, PromptError, SessionError) as error:
         _fail(error)
 
@@ -199,9 +209,7 @@ def chat(context, session_dir, max_new_tokens, max_minutes, vad, keep_rate, mode
         line = stdin.readline()
         if not line or line.strip() in ("", "/quit", "/exit"):
             break
-        for delta in session.ask(line.strip(), max_new_tokens=max_new_tokens):
-            click.echo(delta, nl=False)
-        click.echo()
+        _print_answer(session.ask(line.strip(), max_new_tokens=max_new_tokens))
 
 
 @main.command()
