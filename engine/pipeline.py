@@ -12,6 +12,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
+import torch
+
 T = TypeVar("T")
 U = TypeVar("U")
 
@@ -33,6 +35,9 @@ def prefetch(items: Iterable[T], depth: int = 2, transform: Callable[[T], U] | N
         raise ValueError(f"depth must be >= 1, got {depth}")
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    # A new thread starts with whatever intra-op thread count some thread set last (the VAD briefly sets 1),
+    # which would change the reduction order of the model's matmuls from run to run: pin the caller's count.
+    threads = torch.get_num_threads()
 
     def put(item) -> bool:
         while not stop.is_set():
@@ -44,6 +49,7 @@ def prefetch(items: Iterable[T], depth: int = 2, transform: Callable[[T], U] | N
         return False
 
     def produce() -> None:
+        torch.set_num_threads(threads)
         try:
             for item in items:
                 if not put(transform(item) if transform is not None else item):

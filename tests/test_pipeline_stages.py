@@ -44,3 +44,14 @@ def test_overlaps_producer_and_consumer():
     assert next(it) == 0
     assert started_second.wait(timeout=10)
     assert list(it) == [1, 2]
+
+
+def test_worker_uses_the_callers_thread_count():
+    import torch
+
+    callers = torch.get_num_threads()
+    setter = threading.Thread(target=lambda: torch.set_num_threads(1))  # like the VAD's temporary setting
+    setter.start()
+    setter.join()
+    seen = list(prefetch(range(2), transform=lambda _: torch.get_num_threads()))
+    assert seen == [callers, callers]
