@@ -18,6 +18,8 @@ model is loaded and warmed up) is its own. A reference run whose predicted memor
     python bench/bench_engine.py --quick                          # smoke test: 1 minute, nano, 1 run
     python bench/bench_engine.py                                  # nano 1..120 min, mini 1 min
     python bench/bench_engine.py --lengths 1,10 --models nano,mini --runs 1 --no-docs
+    python bench/bench_engine.py --mini-lengths 1,10 --mini-runs 1 --json out.json   # the run in docs (~31 min)
+    python bench/bench_engine.py --from-json out.json            # re-render table and docs, measure nothing
 """
 
 from __future__ import annotations
@@ -645,7 +647,7 @@ def write_docs(section: str, path: Path) -> None:
     path.write_text(text)
 
 
-def docs_section(args, info, rows, notes, started, elapsed, command) -> str:
+def docs_section(info, rows, notes, started, elapsed, command) -> str:
     loads = [r[k] for r in rows if "failed" not in r for k in ("loadavg_start", "loadavg_end")]
     load_line = f" Load average during the runs {min(loads):.1f}-{max(loads):.1f}." if loads else ""
     target_lines = "\n".join(f"- {t}." for t in targets(rows)) or "- (no pair of rows to evaluate)"
@@ -679,8 +681,25 @@ Notes:
 """
 
 
-def auto_notes(rows: list[dict], args, skipped: list[str]) -> list[str]:
-    """Notes derived from the measurements: models, phases, time per window, predictions, what was left out."""
+def llm_slope(row: dict) -> tuple[float, float] | None:
+    """Least-squares fit of a streaming run's LLM seconds per window against the tokens already cached.
+
+    Returns (seconds per 1000 cached tokens, seconds at an empty cache); windows 2 .. n-1 (the first also
+    prefills the chat header, the last may be short).
+    """
+    w, e, f = row.get("window_s", []), row.get("encode_s", []), row.get("featurize_s", [])
+    if len(w) < 10 or len(e) != len(w) or len(f) != len(w):
+        return None
+    per_window = row["speech_tokens"] / row["windows"]
+    xs = [i * per_window / 1000 for i in range(1, len(w) - 1)]
+    ys = [w[i] - e[i] - f[i] for i in range(1, len(w) - 1)]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return slope, my - slope * mx
+
+
+def auto_notes(rows: list[dict], settings: dict, info: dict) -> list[str]:
+    """Notes derived from the measurements: models, load, growth per window, phases, predictions, what was left out."""
     ok = [r for r in rows if "failed" not in r]
     notes = []
     for model in dict.fromkeys(r["model"] for r in ok):
@@ -691,6 +710,38 @@ def auto_notes(rows: list[dict], args, skipped: list[str]) -> list[str]:
                 " large-v3-turbo encoder, 32 layers, d_model 1280; the unused vision tower has one layer)")
         notes.append(f"{model}: {what}, {r['dtype']}, attention `{r['attn']}`, LoRA adapter `{r['adapter']}`"
                      f" active (source: {r['source']}).")
+    loads = [r[k] for r in ok for k in ("loadavg_start", "loadavg_end")]
+    if loads and max(loads) > info["cores"] + 0.5:
+        notes.append(f"Other jobs shared this {info['cores']}-core machine during the run (1-minute load average up to"
+                     f" {max(loads):.1f}, one run itself accounts for about 2): absolute times are inflated and the"
+                     " two approaches of a length ran minutes apart, so ratios within about 10% are noise; the 1-minute"
+                     " runs last about a second each.")
+    for model in dict.fromkeys(r["model"] for r in ok):
+        stream = [r for r in ok if r["model"] == model and r["approach"] == "streaming"]
+        fits = [(r, fit) for r in stream if (fit := llm_slope(r))]
+        if fits:
+            r, (slope, base) = max(fits, key=lambda x: x[0]["minutes"])
+            ref = next((x for x in ok if x["model"] == model and x["approach"] == "reference"
+                        and x["minutes"] == r["minutes"]), None)
+            vs = (f"; its LLM part summed to {r['phases']['llm_and_rest']:.0f} s against {ref['phases']['prefill']:.0f} s"
+                  f" for the reference's one prefill of the same tokens" if ref else "")
+            notes.append(
+                f"{model} streaming: the LLM time per window (window minus encoder minus log-mel) grows linearly with"
+                f" the cache, {slope * 1000:.1f} ms per 1000 cached tokens on top of {base:.2f} s (fit over the"
+                f" {r['minutes']:g}-minute run), so the total is quadratic in the lecture length{vs}. The encoder"
+                f" time per window stays flat.")
+        if len(stream) > 1:
+            lo, hi = min(stream, key=lambda r: r["minutes"]), max(stream, key=lambda r: r["minutes"])
+            if hi["kv_bytes"] > lo["kv_bytes"]:
+                per_kv = (hi["excess"] - lo["excess"]) / (hi["kv_bytes"] - lo["kv_bytes"])
+                span = (f"({lo['minutes']:g} -> {hi['minutes']:g} min: {lo['excess'] / 2**20:.0f} -> "
+                        f"{hi['excess'] / 2**20:.0f} MiB above the loaded model and the KV cache)")
+                notes.append(
+                    f"{model} streaming memory: besides the KV cache, the peak grows by {per_kv:.2f} MiB per MiB of KV"
+                    f" cache {span}: per-window buffers sized by the cache (attention over every cached key), not"
+                    " buffered audio." if per_kv > 0.25 else
+                    f"{model} streaming memory: besides the KV cache, the peak stays flat {span}: the buffers of one"
+                    " window (encoder activations) outweigh those that grow with the cache at these lengths.")
     for r in ok:
         per_token = r["kv_bytes"] / max(r["cached_tokens"], 1)
         phases = ", ".join(f"{k.replace('_', ' ')} {v:.1f} s" for k, v in r["phases"].items())
@@ -702,12 +753,16 @@ def auto_notes(rows: list[dict], args, skipped: list[str]) -> list[str]:
             line += (f"; memory predicted before the run {r['predicted_gib']:.2f} GiB, measured peak"
                      f" {fmt_gib(r['peak_rss'])} GiB")
         notes.append(line + ".")
-    notes.append("Runs: " + (f"--runs {args.runs}" if args.runs else
+    runs, mini_runs = settings.get("runs"), settings.get("mini_runs")
+    notes.append("Runs: " + (f"--runs {runs}" if runs else
                              "3 per configuration up to 10 min, 1 for longer lectures (one 2-hour run per approach"
                              " already takes minutes on this machine)")
-                 + (f"; mini: --mini-runs {args.mini_runs} (a mini process spends about a minute building and"
-                    " warming up before its run)" if args.mini_runs else "") + ".")
-    notes.extend(skipped)
+                 + (f"; mini: --mini-runs {mini_runs} (a mini process spends about 40 s building and warming up"
+                    " before its run)" if mini_runs else "") + ".")
+    if settings.get("skipped_mini"):
+        notes.append(f"mini at {', '.join(f'{m:g}' for m in settings['skipped_mini'])} min: not run (--mini-lengths"
+                     f" {settings['mini_lengths']}); a 10-minute mini run per approach takes about 4 minutes here and the"
+                     " whole benchmark must fit in about 45 minutes on this 2-core machine.")
     notes.append("Streaming `add_window` computes the log-mel in the consumer thread (the prefetch thread only"
                  " decodes and cuts windows), exactly as `build_session` does; \"waiting for audio\" is the time the"
                  " consumer spent outside `add_window` (prefetch queue empty, plus loop overhead).")
@@ -739,6 +794,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", type=Path, default=DOCS, help="markdown file whose engine section is (re)written")
     p.add_argument("--no-docs", action="store_true", help="print only; do not touch the docs file")
     p.add_argument("--json", type=Path, default=None, help="also write every measurement as JSON here")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="measure nothing: print and write the docs section from a --json file of an earlier run")
     p.add_argument("--quick", action="store_true", help="smoke test: 1 minute, nano, 1 run, docs untouched")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--parity-worker", help=argparse.SUPPRESS)
@@ -756,6 +813,10 @@ def main(argv=None) -> int:
     if args.parity_worker:
         print(RESULT_PREFIX + json.dumps(parity(json.loads(args.parity_worker))), flush=True)
         return 0
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        saved["rendered_from_json"] = True
+        return report(saved, args)
 
     command = "python bench/bench_engine.py" + ("" if len(sys.argv) <= 1 else " " + shlex.join(sys.argv[1:]))
     started = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -774,7 +835,7 @@ def main(argv=None) -> int:
         audio[m] = make_lecture(m, folder)
         print(f"# lecture {m:g} min: {audio[m]} ({time.perf_counter() - t:.1f} s)", flush=True)
 
-    rows, notes, skipped = [], [], []
+    rows, notes, skipped_mini = [], [], []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in ("nano", "mini"):
             raise SystemExit(f"--models: unknown model {name!r} (choose nano and/or mini)")
@@ -796,8 +857,7 @@ def main(argv=None) -> int:
             print(f"  parity: {check}", flush=True)
         for minutes in lengths:
             if name == "mini" and minutes not in mini_lengths:
-                skipped.append(f"mini at {minutes:g} min: not run (--mini-lengths {args.mini_lengths}); the"
-                               f" whole run must fit in about 45 minutes on this 2-core machine.")
+                skipped_mini.append(minutes)
                 continue
             runs = (args.mini_runs if name == "mini" else None) or args.runs or (3 if minutes <= 10 else 1)
             pair = {}
@@ -845,20 +905,31 @@ def main(argv=None) -> int:
                 print(f"  {name} {minutes:g} min streaming per window: {growth}", flush=True)
 
     elapsed = time.perf_counter() - t_start
+    settings = {"runs": args.runs, "mini_runs": args.mini_runs, "mini_lengths": args.mini_lengths,
+                "skipped_mini": skipped_mini}
+    saved = {"command": command, "started": started, "elapsed_s": elapsed, "machine": info, "settings": settings,
+             "rows": rows, "notes": notes}
+    if args.json:
+        args.json.write_text(json.dumps(saved, indent=1))
+    return report(saved, args)
+
+
+def report(saved: dict, args) -> int:
+    """Print the table and the targets; write the docs section unless --no-docs."""
+    rows = saved["rows"]
     print()
     print(table(rows))
     print()
     for t in targets(rows):
         print(f"- {t}")
-    print(f"\nwhole run {elapsed / 60:.1f} min")
-    if args.json:
-        args.json.write_text(json.dumps({"command": command, "machine": info, "rows": rows, "notes": notes}, indent=1))
+    print(f"\nwhole run {saved['elapsed_s'] / 60:.1f} min")
     if not args.no_docs:
-        notes = notes + auto_notes(rows, args, skipped)
-        write_docs(docs_section(args, info, rows, notes, started, elapsed, command), args.docs)
+        notes = saved["notes"] + auto_notes(rows, saved["settings"], saved["machine"])
+        when = saved["started"] + (", section re-rendered from its saved measurements with `--from-json`"
+                                    if saved.get("rendered_from_json") else "")
+        write_docs(docs_section(saved["machine"], rows, notes, when, saved["elapsed_s"], saved["command"]), args.docs)
         print(f"wrote the engine section of {args.docs}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
