@@ -32,7 +32,6 @@ import json
 import math
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -42,6 +41,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from _common import reset_peak_rss, rss_bytes, write_docs  # bench/ is the script's folder, first on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -147,25 +148,6 @@ def make_lecture(minutes: float, folder: Path) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Worker: one run of one approach in a fresh process.
 # --------------------------------------------------------------------------------------------------
-def rss_bytes(field: str = "VmRSS", pid: int | str = "self") -> int:
-    """Resident set size (or VmHWM, its high-water mark) of a process from /proc/<pid>/status."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/{pid}/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc), so the RSS after loading is what is really held."""
     gc.collect()
@@ -631,22 +613,6 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
-def write_docs(section: str, path: Path) -> None:
-    """Add or replace this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}\n"
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: block, text, count=1)
-        else:
-            text = text.rstrip() + "\n\n" + block
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "# Benchmarks\n\nMeasured figures; each section is written by the script it names.\n\n" + block
-    path.write_text(text)
-
-
 def docs_section(info, rows, notes, started, elapsed, command) -> str:
     loads = [r[k] for r in rows if "failed" not in r for k in ("loadavg_start", "loadavg_end")]
     load_line = f" Load average during the runs {min(loads):.1f}-{max(loads):.1f}." if loads else ""
@@ -927,7 +893,8 @@ def report(saved: dict, args) -> int:
         notes = saved["notes"] + auto_notes(rows, saved["settings"], saved["machine"])
         when = saved["started"] + (", section re-rendered from its saved measurements with `--from-json`"
                                     if saved.get("rendered_from_json") else "")
-        write_docs(docs_section(saved["machine"], rows, notes, when, saved["elapsed_s"], saved["command"]), args.docs)
+        write_docs(docs_section(saved["machine"], rows, notes, when, saved["elapsed_s"], saved["command"]), args.docs,
+                   SECTION_START, SECTION_END)
         print(f"wrote the engine section of {args.docs}")
     return 0
 

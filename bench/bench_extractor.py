@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import platform
-import re
 import resource
 import shlex
 import statistics
@@ -34,6 +33,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from _common import reset_peak_rss, rss_bytes, write_docs  # bench/ is the script's folder, first on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,25 +85,6 @@ class Case:
 # --------------------------------------------------------------------------------------------------
 # Worker: one configuration in a fresh process.
 # --------------------------------------------------------------------------------------------------
-def rss_bytes(field: str = "VmRSS") -> int:
-    """Resident set size (or VmHWM, its high-water mark) of this process from /proc/self/status."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux clear_refs 5); False where that is not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def build_model(plan: ModelPlan, attn: str):
     """A model of the preset's shape with small random weights, built on the meta device then filled."""
     import torch
@@ -379,22 +361,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str, path: Path) -> None:
-    """Add or replace this benchmark's section of docs/benchmarks.md, leaving other sections alone."""
-    block = f"{SECTION_START}\n{section.rstrip()}\n{SECTION_END}\n"
-    if path.exists():
-        text = path.read_text()
-        pattern = re.compile(re.escape(SECTION_START) + r".*?" + re.escape(SECTION_END) + r"\n?", re.DOTALL)
-        if pattern.search(text):
-            text = pattern.sub(lambda _: block, text, count=1)
-        else:
-            text = text.rstrip() + "\n\n" + block
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = "# Benchmarks\n\nMeasured figures; each section is written by the script it names.\n\n" + block
-    path.write_text(text)
-
-
 def docs_section(args, info: dict, rows: list[dict], encoder: dict, started: str, elapsed: float, command: str) -> str:
     minutes = args.minutes
     n_speech = round(minutes * WINDOWS_PER_MINUTE) * SPEECH_TOKENS_PER_WINDOW
@@ -586,7 +552,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps({"command": command, "machine": info, "rows": rows, "encoder": encoder}, indent=1))
     if not args.no_docs:
-        write_docs(docs_section(args, info, rows, encoder, started, elapsed, command), args.docs)
+        write_docs(docs_section(args, info, rows, encoder, started, elapsed, command), args.docs,
+                   SECTION_START, SECTION_END)
         print(f"wrote the extractor section of {args.docs}")
     return 0
 
