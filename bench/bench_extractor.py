@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from _common import reset_peak_rss, rss_bytes, write_docs  # bench/ is the script's folder, first on sys.path
+from _common import build_random, reset_peak_rss, rss_bytes, write_docs  # bench/ is the script's folder, first on sys.path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -88,9 +88,7 @@ class Case:
 def build_model(plan: ModelPlan, attn: str):
     """A model of the preset's shape with small random weights, built on the meta device then filled."""
     import torch
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLRotaryEmbedding, Qwen2VLVisionRotaryEmbedding
 
-    from lyra import LyraForConditionalGeneration
     from lyra.presets import config_from_dict, read_preset
 
     data = read_preset(plan.name)
@@ -102,30 +100,7 @@ def build_model(plan: ModelPlan, attn: str):
     config = config_from_dict(data)
     config._attn_implementation = attn
     dtype = getattr(torch, plan.dtype)
-    with torch.device("meta"):
-        model = LyraForConditionalGeneration(config)
-    model.to_empty(device="cpu")
-    model.to(dtype)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and ("norm" in name or name.endswith("ln.weight")):
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=generator)
-    # Rotary tables are buffers computed in __init__; to_empty left them uninitialised.
-    for path, module in list(model.named_modules()):
-        if isinstance(module, (Qwen2VLRotaryEmbedding, Qwen2VLVisionRotaryEmbedding)):
-            parent_path, _, attr = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), attr, type(module)(module.config))
-    others = [n for n, _ in model.named_buffers() if not n.endswith("inv_freq")]
-    if others:
-        raise RuntimeError(f"buffers the meta build does not initialise: {others}")
-    if config.tie_word_embeddings:
-        model.backbone.lm_head.weight = model.get_input_embeddings().weight
-    return model.eval()
+    return build_random(config, dtype)
 
 
 def make_inputs(config, minutes: float, question_tokens: int, dtype, seed: int = 0) -> dict:
