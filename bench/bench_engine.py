@@ -289,6 +289,7 @@ def run_streaming(model, processor, audio: Path) -> dict:
         "adapter": info.adapter,
         "window_s": per_window(window_s),
         "encode_s": per_window(per_interval(encode.calls)),
+        "encode_attribution": "interval",  # saved runs without it spread encoder time by group (not comparable)
         "featurize_s": per_window(per_interval(featurize.calls)),
         "phases": {"encode": sum(encode.calls), "featurize": sum(featurize.calls),
                    "llm_and_rest": sum(window_s) - sum(encode.calls) - sum(featurize.calls),
@@ -535,7 +536,7 @@ def summarize(runs: list[dict]) -> dict:
 def window_growth(row: dict) -> str:
     """Seconds per window early vs late in a streaming run: LLM part (window - encoder - log-mel) and encoder."""
     w, e, f = row.get("window_s", []), row.get("encode_s", []), row.get("featurize_s", [])
-    if len(w) < 10 or len(e) != len(w) or len(f) != len(w):
+    if len(w) < 10 or len(e) != len(w) or len(f) != len(w) or row.get("encode_attribution") != "interval":
         return ""
     k = max(3, len(w) // 10)
     llm = [a - b - c for a, b, c in zip(w, e, f)]
@@ -637,8 +638,8 @@ def llm_slope(row: dict) -> tuple[float, float] | None:
     prefills the chat header, the last may be short).
     """
     w, e, f = row.get("window_s", []), row.get("encode_s", []), row.get("featurize_s", [])
-    if len(w) < 10 or len(e) != len(w) or len(f) != len(w):
-        return None
+    if len(w) < 10 or len(e) != len(w) or len(f) != len(w) or row.get("encode_attribution") != "interval":
+        return None  # runs saved before encoder time was attributed by interval: their per-window split is skewed
     per_window = row["speech_tokens"] / row["windows"]
     xs = [i * per_window / 1000 for i in range(1, len(w) - 1)]
     ys = [w[i] - e[i] - f[i] for i in range(1, len(w) - 1)]
