@@ -5,7 +5,8 @@
 Layout under DIR (media paths in a manifest are relative to the manifest's folder)::
 
     vocabulary.txt                 every word the recipes say
-    asr/train.jsonl                corpus sentences; Piper (length scale 0.75-1.35) and espeak-ng voices
+    asr/train.jsonl                corpus sentences; Piper (length scale 0.75-1.35) and espeak-ng voices; with
+                                   asr_train_long also clips of 2-8 sentences (up to 28 s) in one voice
     asr/test_piper.jsonl           held-out sentences, Piper at its own pace
     asr/test_piper_fast.jsonl      the same sentences, Piper length scale 0.8
     asr/test_piper_slow.jsonl      the same sentences, Piper length scale 1.3
@@ -35,6 +36,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
+import numpy as np
 from lyra.data.corpus import SentenceGenerator, split_of, vocabulary
 from lyra.data.lectures import write_lecture
 from lyra.data.manifest import write_manifest
@@ -46,6 +48,9 @@ __all__ = ["PRESETS", "BuildConfig", "build"]
 ASR_PROMPT = "Transcribe the speech."  # the engine's ASR instruction (lyra.engine.transcribe.ASR_PROMPT)
 SAY_PROMPT = "Say this sentence: "  # typed instruction of the read-aloud speech-generation samples
 SAMPLE_RATE = 16_000
+LONG_CLIP_SENTENCES = (2, 8)  # sentences per multi-sentence ASR clip (drawn uniformly)
+LONG_CLIP_SECONDS = 28.0  # a multi-sentence clip stops before this (a 30 s encoder window holds it whole)
+LONG_CLIP_PAUSE = (0.2, 0.6)  # seconds of silence between its sentences
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,7 @@ class BuildConfig:
     out: Path  # output folder
     seed: int = 0  # everything (texts, voices, images, Piper noise) follows from it
     asr_train: int = 2000  # training sentences
+    asr_train_long: int = 0  # training clips of several sentences in one voice (up to LONG_CLIP_SECONDS)
     asr_test: int = 200  # held-out sentences (each spoken in the four test conditions)
     espeak_fraction: float = 0.25  # share of training speech (ASR, spoken questions) spoken by espeak-ng
     image_train: int = 1000  # training images, one question each (spoken and typed records)
@@ -118,8 +124,14 @@ def _seed(*parts) -> int:
 
 
 def plan(config: BuildConfig) -> list[Block]:
-    """All the work, as blocks in a fixed order (texts and voices are chosen here, in one process)."""
-    rng = random.Random(f"build-{config.seed}")
+    """All the work, as blocks in a fixed order (texts and voices are chosen here, in one process).
+
+    Each manifest draws its voices from its own random stream, so changing one count (say, more lectures)
+    leaves the other manifests' items as they were and an earlier build's finished blocks stay valid."""
+
+    def section_rng(name: str) -> random.Random:
+        return random.Random(f"build-{config.seed}-{name}")
+
     blocks: list[Block] = []
 
     def add(manifest: str, kind: str, items: list[dict], size: int | None = None) -> None:
@@ -137,8 +149,15 @@ def plan(config: BuildConfig) -> list[Block]:
     sentences = SentenceGenerator(config.seed)
     train = sentences.generate(config.asr_train, "train")
     test = sentences.generate(config.asr_test, "test")
-    add("asr/train", "asr", [{"id": f"asr-train-{i:06d}", "text": s.text, "voice": asdict(voice(rng))}
-                             for i, s in enumerate(train)])
+    rng = section_rng("asr")
+    items = [{"id": f"asr-train-{i:06d}", "text": s.text, "voice": asdict(voice(rng))} for i, s in enumerate(train)]
+    long_pool = sentences.generate(config.asr_train_long * LONG_CLIP_SENTENCES[1], "train")
+    for i in range(config.asr_train_long):
+        n = rng.randint(*LONG_CLIP_SENTENCES)
+        texts = [long_pool[(i * LONG_CLIP_SENTENCES[1] + j) % len(long_pool)].text for j in range(n)]
+        items.append({"id": f"asr-train-long-{i:06d}", "texts": texts, "voice": asdict(voice(rng)),
+                      "seed": _seed(config.seed, "asr-long", i)})
+    add("asr/train", "asr", items)
     conditions = {"test_piper": PIPER_TEST_VOICE, "test_piper_fast": Voice("piper", 0.8),
                   "test_piper_slow": Voice("piper", 1.3), "test_espeak": ESPEAK_TEST_VOICE}
     if not config.use_piper:
@@ -148,12 +167,14 @@ def plan(config: BuildConfig) -> list[Block]:
                                    for i, s in enumerate(test)])
 
     # Image QA: the image and question follow from the item's seed; the voice is chosen here.
+    rng = section_rng("image")
     for split, n in (("train", config.image_train), ("test", config.image_test)):
         items = [{"id": f"imgqa-{split}-{i:06d}", "seed": _seed(config.seed, "image", split, i),
                   "voice": asdict(voice(rng)) if split == "train" else test_voice} for i in range(n)]
         add(f"image_qa/{split}", "image", items)
 
     # Lectures: one per block (they are long).
+    rng = section_rng("lecture")
     lo, hi = config.lecture_train_minutes
     lecture_engine = config.lecture_engine if config.use_piper else "espeak"
     lectures = [{"id": f"lecture-train-{i:05d}", "minutes": round(rng.uniform(lo, hi), 2), "split": "train",
@@ -171,6 +192,7 @@ def plan(config: BuildConfig) -> list[Block]:
         add(f"lectures/{split}", "lecture", [x for x in lectures if x["split"] == split], size=1)
 
     # Speech generation: read-aloud sentences and spoken image answers, always in the answering voice.
+    rng = section_rng("speechgen")
     for split, n in (("train", config.speechgen_train), ("test", config.speechgen_test)):
         pool = SentenceGenerator(_seed(config.seed, "speechgen", split)).generate(
             n, split, exclude={s.text for s in test})
@@ -215,12 +237,31 @@ def run_block(block: Block, config: BuildConfig) -> list[dict]:
 def _asr(item, root: Path, split: str, voices: Voices, config: BuildConfig) -> list[dict]:
     v = Voice(**item["voice"])
     rel = _audio_name(config, f"audio/{split}", item["id"])
-    wave = voices(item["text"], v)
+    if "texts" in item:
+        text, wave = _long_clip(item["texts"], v, voices, random.Random(item["seed"]))
+    else:
+        text, wave = item["text"], voices(item["text"], v)
     write_audio(root / rel, wave)
-    return [{"id": item["id"], "speech": rel, "speech_asr": item["text"],
+    return [{"id": item["id"], "speech": rel, "speech_asr": text,
              "conversations": [{"from": "human", "value": f"<speech>\n{ASR_PROMPT}"},
-                               {"from": "gpt", "value": item["text"]}],
+                               {"from": "gpt", "value": text}],
              "voice": v.to_json(), "duration": round(len(wave) / SAMPLE_RATE, 3)}]
+
+
+def _long_clip(texts: list[str], voice: Voice, voices: Voices, rng: random.Random) -> tuple[str, np.ndarray]:
+    """Sentences spoken one after another with short pauses, as many as fit in LONG_CLIP_SECONDS (at least one)."""
+    kept, parts, seconds = [], [], 0.0
+    for text in texts:
+        wave = voices(text, voice)
+        pause = np.zeros(int(rng.uniform(*LONG_CLIP_PAUSE) * SAMPLE_RATE), dtype=np.float32)
+        if kept and seconds + (len(pause) + len(wave)) / SAMPLE_RATE > LONG_CLIP_SECONDS:
+            break
+        if kept:
+            parts.append(pause)
+        parts.append(wave)
+        kept.append(text)
+        seconds = sum(len(p) for p in parts) / SAMPLE_RATE
+    return " ".join(kept), np.concatenate(parts)
 
 
 def _image(item, root: Path, split: str, voices: Voices, config: BuildConfig) -> list[dict]:
@@ -408,6 +449,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
               help="Sizes to start from; the options below override them.")
 @click.option("--asr-train", type=int, default=None, help="Training sentences.")
+@click.option("--asr-train-long", type=int, default=None,
+              help="Training clips of 2-8 sentences in one voice (up to 28 s, like a transcription window).")
 @click.option("--asr-test", type=int, default=None, help="Held-out sentences (x4 test conditions).")
 @click.option("--image-train", type=int, default=None, help="Training images.")
 @click.option("--image-test", type=int, default=None, help="Held-out images.")
@@ -415,6 +458,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--lecture-train-minutes", default=None, help="Min,max length of training lectures, e.g. 1,4.")
 @click.option("--lecture-test-minutes", default=None, help="Test lecture lengths, e.g. 2,10,30,60,120.")
 @click.option("--lectures-per-length", type=int, default=None, help="Test lectures of each length.")
+@click.option("--needles-train", type=int, default=None, help="Needles (facts asked about) per training lecture.")
+@click.option("--needles-test", type=int, default=None, help="Needles per test lecture.")
 @click.option("--lecture-engine", type=click.Choice(["piper", "espeak"]), default=None, help="Voice of the lectures.")
 @click.option("--speechgen-train", type=int, default=None, help="Spoken-answer training samples.")
 @click.option("--speechgen-test", type=int, default=None, help="Spoken-answer test samples.")

@@ -373,6 +373,15 @@ def train(config, resume, output, max_steps, data_root, init_from, settings):
         click.echo(f"export: {result.export['path']} ({result.export['megabytes']:.1f} MB)")
 
 
+def _minutes(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected lengths in minutes like 2,10, got {text!r}", param_hint="--lecture-minutes")
+
+
 @main.command("eval")
 @MODEL_OPTION
 @click.option("--data", "data_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -384,12 +393,15 @@ def train(config, resume, output, max_steps, data_root, init_from, settings):
 @click.option("--max-new-tokens", type=click.IntRange(1), default=96, show_default=True)
 @click.option("--keep-rates", default="1,0.5,0.25", show_default=True,
               help="Token-extractor keep rates for the needle test (it also runs with the extractor off).")
+@click.option("--lecture-minutes", default=None,
+              help="Needle test: only lectures of these lengths, e.g. 2,10 (default: every test lecture).")
 @click.option("--vad/--no-vad", default=False, show_default=True, help="Silero VAD when ingesting lectures.")
 @click.option("--vocoder", type=click.Path(exists=True, file_okay=False), default=None,
               help="Vocoder folder for spoken answers (default: the embedded one).")
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("eval_report"),
               show_default=True, help="Folder for report.json and report.md.")
-def evaluate(model, data_dir, tasks, limit, batch_size, max_new_tokens, keep_rates, vad, vocoder, out):
+def evaluate(model, data_dir, tasks, limit, batch_size, max_new_tokens, keep_rates, lecture_minutes, vad, vocoder,
+             out):
     """Score a model on the synthetic test sets: ASR WER, image-question accuracy, needles, spoken answers."""
     from lyra.training.evaluate import EvalSettings
     from lyra.training.evaluate import evaluate as run_eval
@@ -397,7 +409,7 @@ def evaluate(model, data_dir, tasks, limit, batch_size, max_new_tokens, keep_rat
     settings = EvalSettings(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), limit=limit,
                             batch_size=batch_size, max_new_tokens=max_new_tokens,
                             keep_rates=tuple(float(x) for x in keep_rates.split(",") if x.strip()), vad=vad,
-                            vocoder=vocoder)
+                            vocoder=vocoder, lecture_minutes=_minutes(lecture_minutes))
     loaded = _load(model)
     try:
         report = run_eval(loaded.model, loaded.processor, data_dir, settings, model_name=loaded.source,

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from lyra.data import corpus, lectures, synth_images
-from lyra.data.build import PRESETS, BuildConfig, build, main, plan
+from lyra.data.build import LONG_CLIP_SECONDS, PRESETS, BuildConfig, build, main, plan
 from lyra.data.corpus import (
     HOMOPHONE_GROUPS,
     SentenceGenerator,
@@ -239,6 +239,31 @@ def test_plan_includes_piper_test_conditions():
     texts = {b.manifest: [i["text"] for i in b.items] for b in blocks if b.kind == "asr"}
     assert texts["asr/test_piper"] == texts["asr/test_espeak"]
     assert set(texts["asr/train"]).isdisjoint(texts["asr/test_piper"])
+
+
+def test_multi_sentence_clips_fit_one_window(tmp_path):
+    settings = dict(PRESETS["tiny"], use_piper=False, asr_train=2, asr_train_long=3, block_size=8)
+    build(BuildConfig(out=tmp_path, seed=3, **settings))
+    long = [r for r in read_manifest(tmp_path / "asr" / "train.jsonl") if "-long-" in r.id]
+    assert len(long) == 3
+    for r in long:
+        sentences = re.split(r"(?<=[.!?]) ", r.speech_asr)
+        assert len(sentences) >= 2 and r.conversations[-1].value == r.speech_asr
+        assert all(split_of(x) == "train" for x in sentences)
+        info = sf.info(str(r.speech_paths()[0]))
+        assert info.duration <= LONG_CLIP_SECONDS + 0.01 and abs(info.duration - r.extra["duration"]) < 0.01
+
+
+def test_changing_one_count_leaves_other_manifests_alone():
+    """Each manifest has its own random stream: adding lectures (a second build pass) keeps earlier blocks valid."""
+    def items(**changes):
+        config = BuildConfig(out=Path("/nonexistent"), seed=0, **{**PRESETS["tiny"], **changes})
+        return {b.part: b.items for b in plan(config) if not b.manifest.startswith("lectures/")}
+
+    assert items(lecture_train=0, lecture_test_minutes=()) == items(lecture_train=3)
+    with_long = items(asr_train_long=2)
+    assert {k: v for k, v in with_long.items() if not k.startswith("asr__train")} == {
+        k: v for k, v in items().items() if not k.startswith("asr__train")}
 
 
 def test_command_line(tmp_path):

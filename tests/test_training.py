@@ -79,6 +79,23 @@ def assert_reloads(result, workspace):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_written_needle_questions():
+    from lyra.data.corpus import split_of
+    from lyra.data.lectures import NEEDLE_TEMPLATES
+
+    from lyra.training.data import needle_records
+
+    records = needle_records(40, seed=5)
+    assert [r.conversations for r in records] == [r.conversations for r in needle_records(40, seed=5)]
+    questions = {t[1].split("{")[0] for t in NEEDLE_TEMPLATES}
+    for r in records:
+        human, gpt = r.conversations
+        passage, question = human.value.rsplit("\n", 1)
+        assert any(question.startswith(q) for q in questions) and gpt.value in passage
+        facts = [s for s in passage.split(". ") if any(t[0].split("{")[0] in s for t in NEEDLE_TEMPLATES)]
+        assert 1 <= len(facts) and all(split_of(f.rstrip(".") + ".") == "train" for f in facts)
+
+
 def test_stage0_base_pass_trains_llm_and_vision(workspace):
     result = run_stage(workspace, 0, "stage0")
     assert set(result.trainable) == {"llm", "vision"}

@@ -68,6 +68,7 @@ class DataConfig:
     root: str = "data/nano"  # folder the manifests are relative to (python -m lyra.data.build --out ROOT)
     train: tuple[DataSource, ...] = ()  # manifests of the mixture
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
+    text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
     text_seed: int = 0  # seed of those conversations
     cache_speech: bool = True  # encode every clip once with the frozen speech encoder and keep its frames in RAM
     cache_dtype: str = "float16"  # dtype of the cached frames ("float16" halves the RAM; used in every step alike)
@@ -142,8 +143,9 @@ class TrainConfig:
             raise TrainConfigError(
                 f"stage {self.stage} trains on top of an earlier stage: set model.init_from to that stage's output folder"
             )
-        if not self.data.train and not self.data.text_corpus:
-            raise TrainConfigError("the run has no data: list manifests under data.train (or set data.text_corpus)")
+        if not self.data.train and not self.data.text_corpus and not self.data.text_needles:
+            raise TrainConfigError("the run has no data: list manifests under data.train (or set data.text_corpus "
+                                   "or data.text_needles)")
 
     def to_dict(self) -> dict:
         """Plain types, for YAML."""

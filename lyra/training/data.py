@@ -48,6 +48,7 @@ __all__ = [
     "attach_units",
     "build_train_dataset",
     "encoder_frames_given",
+    "needle_records",
     "text_records",
 ]
 
@@ -62,6 +63,8 @@ TASK_DATASETS: dict[str, type[ConversationDataset]] = {
 }
 SAY_PROMPT = "Say this sentence: "  # the data builder's read-aloud instruction (lyra.data.build.SAY_PROMPT)
 WRITE_PROMPT = "Write a sentence from the lecture."  # free generation of one corpus sentence
+NEEDLE_PASSAGE = (2, 24)  # corpus sentences around the facts of a written needle passage
+NEEDLE_FACTS = (1, 3)  # facts (needles) per passage
 ENCODE_BATCH_WINDOWS = 16  # windows per speech-encoder call while filling the frame cache
 
 
@@ -78,6 +81,32 @@ def text_records(n: int, seed: int = 0) -> list[Record]:
     for i, sentence in enumerate(sentences):
         prompt = SAY_PROMPT + sentence.text if i % 2 == 0 else WRITE_PROMPT
         records.append(Record(id=f"text-{seed}-{i:06d}", conversations=(Turn(HUMAN, prompt), Turn(GPT, sentence.text))))
+    return records
+
+
+def needle_records(n: int, seed: int = 0) -> list[Record]:
+    """`n` written needle questions: a passage of corpus sentences with one to three unique facts (the lecture
+    needles of lyra.data.lectures) at random places, then a question about one fact -> its short answer.
+
+    The skill long-speech QA needs (find the one fact a question asks about, copy its answer) learned on text,
+    where contexts are cheap; stage 3 then carries it over to speech. Training-split sentences and facts only.
+    """
+    import random
+
+    from lyra.data.corpus import SentenceGenerator
+    from lyra.data.lectures import make_needles
+
+    rng = random.Random(f"text-needles-{seed}")
+    background = SentenceGenerator(seed + 1).stream("train")
+    records = []
+    for i in range(n):
+        needles = make_needles(rng, rng.randint(*NEEDLE_FACTS), "train")
+        sentences = [next(background).text for _ in range(rng.randint(*NEEDLE_PASSAGE))]
+        for needle in needles:
+            sentences.insert(rng.randint(0, len(sentences)), needle.fact)
+        asked = rng.choice(needles)
+        records.append(Record(id=f"needle-{seed}-{i:06d}", conversations=(
+            Turn(HUMAN, " ".join(sentences) + "\n" + asked.question), Turn(GPT, asked.answer))))
     return records
 
 
@@ -153,6 +182,8 @@ def build_train_dataset(
         parts.append(TASK_DATASETS[source.task](records, processor, skip_broken=config.skip_broken))
     if config.text_corpus:
         parts.append(ConversationDataset(text_records(config.text_corpus, config.text_seed), processor))
+    if config.text_needles:
+        parts.append(ConversationDataset(needle_records(config.text_needles, config.text_seed), processor))
     if config.cache_speech and model is not None:
         cache_dir = None
         if config.cache_dir is not None:
