@@ -266,6 +266,31 @@ def test_changing_one_count_leaves_other_manifests_alone():
         k: v for k, v in items().items() if not k.startswith("asr__train")}
 
 
+def test_held_out_check_ignores_image_answers_and_catches_sentence_leaks(tmp_path):
+    from lyra.data.build import _check_held_out
+
+    held_out = SentenceGenerator(1).generate(1, "test")[0].text
+    image_answer = next(t for t in (f"There are {n} shapes." for n in ("two", "three", "four", "five", "six", "seven",
+                                                                        "eight", "nine")) if split_of(t) == "test")
+
+    def record(i, answer, image=False):
+        human = "<image>\n<speech>" if image else "Say this sentence: " + answer
+        return {"id": f"r{i}", **({"image": "x.png", "speech": "q.flac"} if image else {}),
+                "conversations": [{"from": "human", "value": human}, {"from": "gpt", "value": answer}]}
+
+    (tmp_path / "speech_gen").mkdir()
+    for split in ("train", "test"):  # the same templated answer about two different drawn images
+        lines = [record(0, image_answer, image=True)]
+        (tmp_path / "speech_gen" / f"{split}.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    _check_held_out(tmp_path)
+    with open(tmp_path / "speech_gen" / "train.jsonl", "a") as f:
+        f.write(json.dumps(record(1, held_out)) + "\n")
+    with open(tmp_path / "speech_gen" / "test.jsonl", "a") as f:
+        f.write(json.dumps(record(1, held_out)) + "\n")
+    with pytest.raises(RuntimeError, match="held-out sentences reached training manifests"):
+        _check_held_out(tmp_path)
+
+
 def test_command_line(tmp_path):
     result = CliRunner().invoke(main, ["--out", str(tmp_path / "cli"), "--preset", "tiny", "--no-piper",
                                        "--asr-train", "2", "--lecture-test-minutes", "0.2"])

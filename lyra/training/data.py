@@ -63,7 +63,7 @@ TASK_DATASETS: dict[str, type[ConversationDataset]] = {
 }
 SAY_PROMPT = "Say this sentence: "  # the data builder's read-aloud instruction (lyra.data.build.SAY_PROMPT)
 WRITE_PROMPT = "Write a sentence from the lecture."  # free generation of one corpus sentence
-NEEDLE_PASSAGE = (2, 24)  # corpus sentences around the facts of a written needle passage
+NEEDLE_PASSAGE = (1, 10)  # corpus sentences around the facts of a written needle passage
 NEEDLE_FACTS = (1, 3)  # facts (needles) per passage
 ENCODE_BATCH_WINDOWS = 16  # windows per speech-encoder call while filling the frame cache
 
