@@ -48,13 +48,13 @@ import numpy as np
 from lyra.assets import default_cache_dir
 from lyra.audio import AudioArray, AudioError, load_audio
 from lyra.constants import SAMPLE_RATE
+from lyra.data.build import ASR_PROMPT
 from lyra.data.manifest import write_manifest
 from lyra.data.synth_speech import write_audio
 
 __all__ = ["ARCHIVES", "CLIPS", "Archive", "Clip", "RealSpeechError", "RealSpeechSet", "Transcript", "build",
            "default_cache", "extract", "fetch", "read_transcription", "verify_archive"]
 
-ASR_PROMPT = "Transcribe the speech."  # the engine's ASR instruction, as in lyra.data.build
 MANIFEST = "asr/test_real.jsonl"  # lyra eval globs asr/test*.jsonl: this set is reported as asr/test_real
 AUDIO_DIR = "audio/real"  # clips, relative to the manifest's folder (OUT/asr)
 DOWNLOAD_TIMEOUT_S = 60.0  # seconds without progress before a download is given up
