@@ -13,12 +13,13 @@ from typing import TextIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from lyra.audio import AudioArray
 from lyra.constants import IMAGE_PLACEHOLDER, SAMPLE_RATE, SPEECH_PLACEHOLDER
 
-QUESTION = "What colour is the circle in this picture?"
+QUESTION = "What color is the circle?"  # a question form the nano model was trained on (lyra.data.synth_images)
+EXPECTED = "red"
 
 
 @dataclass
@@ -38,10 +39,10 @@ class DemoReport:
 
 
 def demo_image() -> Image.Image:
-    """A red circle on a white card (448 x 448)."""
-    image = Image.new("RGB", (448, 448), "white")
-    ImageDraw.Draw(image).ellipse((104, 104, 344, 344), fill=(220, 30, 30), outline="black", width=4)
-    return image
+    """A red circle and a blue square, drawn like the nano model's training images (224 x 224)."""
+    from lyra.data.synth_images import DrawnItem, draw
+
+    return draw([DrawnItem("circle", "red", 62, 112, 34), DrawnItem("square", "blue", 162, 112, 30)])
 
 
 def spoken_question(text: str = QUESTION) -> tuple[AudioArray, str]:
@@ -78,8 +79,8 @@ def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO 
     ids = inputs["input_ids"]
     image_tokens = int((ids == processor.image_token_id).sum())
     speech_tokens = int((ids == processor.speech_token_id).sum())
-    print(f"question: {QUESTION!r} spoken by {audio_kind}; {image_tokens} image tokens, "
-          f"{speech_tokens} speech tokens", file=err)
+    print(f"question: {QUESTION!r} spoken by {audio_kind} about a red circle and a blue square; "
+          f"{image_tokens} image tokens, {speech_tokens} speech tokens", file=err)
 
     tokens: list[int] = []
     shown = ""

@@ -48,3 +48,13 @@ def test_default_model_transcribes_a_held_out_clip():
     segments = Transcriber(loaded.model, loaded.processor, TranscribeOptions(temperatures=(0.0,))).window_segments(window)
     text = " ".join(s.text for s in segments)
     assert word_errors(sentence, text).wer <= 0.1, (sentence, text)
+
+
+def test_demo_answers_its_spoken_question():
+    import io
+
+    from lyra.demo import EXPECTED, run_demo
+
+    report = run_demo(max_new_tokens=12, out=io.StringIO(), err=io.StringIO())
+    assert report.trained and report.adapter == "speech"
+    assert EXPECTED in report.answer.lower(), report.answer
