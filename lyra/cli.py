@@ -379,7 +379,8 @@ def _minutes(text: str | None) -> tuple[float, ...] | None:
     try:
         return tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise click.BadParameter(f"expected lengths in minutes like 2,10, got {text!r}", param_hint="--lecture-minutes")
+        raise click.BadParameter(f"expected lengths in minutes like 2,10, got {text!r}",
+                                 param_hint="--lecture-minutes") from None
 
 
 @main.command("eval")

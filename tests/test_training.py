@@ -224,6 +224,15 @@ def test_cli_train_and_eval(workspace, tmp_path):
     assert any(r["task"] == "spoken_answer" for r in rows) or any("spoken_answer" in s for s in report["skipped"])
     assert "| asr | asr/test_espeak |" in (report_dir / "report.md").read_text()
 
+    # Only lectures of the given lengths (the smoke lectures last 0.5 min): none of 2 min, so no needle rows.
+    result = runner.invoke(main, ["eval", "--model", str(out), "--data", str(workspace["data"]), "--tasks", "needle",
+                                  "--lecture-minutes", "2", "-o", str(tmp_path / "none")])
+    assert result.exit_code == 0, result.output
+    assert not json.loads((tmp_path / "none" / "report.json").read_text())["rows"]
+    result = runner.invoke(main, ["eval", "--model", str(out), "--data", str(workspace["data"]), "--tasks", "needle",
+                                  "--lecture-minutes", "half"])
+    assert result.exit_code != 0 and "--lecture-minutes" in result.output
+
 
 def test_spoken_answer_reads_the_training_positions(workspace):
     """The evaluation's spoken answer feeds the generator the states a teacher-forced forward over the prompt and
