@@ -70,6 +70,9 @@ def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO 
     loaded = load_pretrained(model)
     load_s = time.perf_counter() - t0
     print(f"model: {loaded.source} ({load_s:.1f} s)", file=err)
+    if not loaded.trained:
+        print("the LLM weights are random, so the answer is noise (the trained nano checkpoint is not in this "
+              "install; docs/nano.md); pass --model DIR for a trained model", file=err)
     audio, audio_kind = spoken_question()
     processor = loaded.processor
     prompt = processor.apply_chat_template(

@@ -67,6 +67,10 @@ def test_demo_command_runs():
     assert "answer:" in result.output
     assert "adapter: speech" in result.output
     assert "spoken by espeak-ng" in result.output
+    from lyra.pretrained import EMBEDDED_CHECKPOINT
+
+    if not (EMBEDDED_CHECKPOINT / "config.json").exists():
+        assert "the LLM weights are random, so the answer is noise" in result.output
 
 
 def stock_qwen2vl_tokenizer(folder):
