@@ -533,11 +533,21 @@ def summarize(runs: list[dict]) -> dict:
     return row
 
 
-def window_growth(row: dict) -> str:
-    """Seconds per window early vs late in a streaming run: LLM part (window - encoder - log-mel) and encoder."""
+def window_split(row: dict) -> tuple[list[float], list[float], list[float]] | None:
+    """A streaming run's seconds per window: (whole window, encoder, log-mel); None when the run has too few
+    windows, or was saved before encoder time was attributed by interval (its per-window split is skewed)."""
     w, e, f = row.get("window_s", []), row.get("encode_s", []), row.get("featurize_s", [])
     if len(w) < 10 or len(e) != len(w) or len(f) != len(w) or row.get("encode_attribution") != "interval":
+        return None
+    return w, e, f
+
+
+def window_growth(row: dict) -> str:
+    """Seconds per window early vs late in a streaming run: LLM part (window - encoder - log-mel) and encoder."""
+    split = window_split(row)
+    if split is None:
         return ""
+    w, e, f = split
     k = max(3, len(w) // 10)
     llm = [a - b - c for a, b, c in zip(w, e, f)]
     med = statistics.median
@@ -637,9 +647,10 @@ def llm_slope(row: dict) -> tuple[float, float] | None:
     Returns (seconds per 1000 cached tokens, seconds at an empty cache); windows 2 .. n-1 (the first also
     prefills the chat header, the last may be short).
     """
-    w, e, f = row.get("window_s", []), row.get("encode_s", []), row.get("featurize_s", [])
-    if len(w) < 10 or len(e) != len(w) or len(f) != len(w) or row.get("encode_attribution") != "interval":
-        return None  # runs saved before encoder time was attributed by interval: their per-window split is skewed
+    split = window_split(row)
+    if split is None:
+        return None
+    w, e, f = split
     per_window = row["speech_tokens"] / row["windows"]
     xs = [i * per_window / 1000 for i in range(1, len(w) - 1)]
     ys = [w[i] - e[i] - f[i] for i in range(1, len(w) - 1)]

@@ -51,6 +51,7 @@ from lyra.constants import SAMPLE_RATE
 from lyra.data.build import ASR_PROMPT
 from lyra.data.manifest import write_manifest
 from lyra.data.synth_speech import write_audio
+from lyra.engine.formats import write_atomic
 
 __all__ = ["ARCHIVES", "CLIPS", "Archive", "Clip", "RealSpeechError", "RealSpeechSet", "Transcript", "build",
            "default_cache", "extract", "fetch", "read_transcription", "verify_archive"]
@@ -358,7 +359,7 @@ def extract(archives: Mapping[str, str | os.PathLike], out: str | os.PathLike, *
     rows.sort(key=lambda r: order[r[0].id])
     n = write_manifest(out / MANIFEST, records)
     sources = out / "SOURCES.md"
-    _write_text(sources, _sources_markdown(rows, [table[k] for k in used]))
+    write_atomic(sources, _sources_markdown(rows, [table[k] for k in used]))
     return RealSpeechSet(manifest=out / MANIFEST, sources=sources, clips=n,
                          seconds=round(sum(r["duration"] for r in records), 3))
 
@@ -395,13 +396,6 @@ def _sources_markdown(rows, archives: Sequence[Archive]) -> str:
     lines += ["", ("Not included: espnet's `ctc_align_test.wav` (the provenance of its audio is undocumented) and "
                    "pocketsphinx's `test/data/forever/input_2_16k.wav` (origin unknown)."), ""]
     return "\n".join(lines)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------- command line
