@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from lyra.data.corpus import number_words
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem", "ImageQA", "make_image_qa", "vocabulary_words"]
+__all__ = ["DESCRIBE_QUESTION", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem", "ImageQA", "describe",
+           "make_image_qa", "vocabulary_words"]
 
 IMAGE_SIZE = 224  # pixels per side: 8 x 8 = 64 image tokens after Qwen2-VL's 14-pixel patches and 2 x 2 merge
 SHAPES = (
@@ -55,6 +56,8 @@ QUESTIONS = {
     "word": "What word is written in the picture?",
     "word_color": "What color is the word?",
 }
+DESCRIBE_QUESTION = "What is in the picture from the left?"  # answered by describe(items)
+DESCRIBE_PARTS = {"shape": "{a} {color} {shape}", "word": "the word {word} in {color}", "join": " and ", "a": "a an"}
 ANSWERS = {
     "count": ("There is one {color} {shape}.", "There are {n} {color} {shapes}."),
     "count_all": ("There is one shape.", "There are {n} shapes."),
@@ -106,6 +109,20 @@ def make_image_qa(rng: random.Random, kind: str | None = None, size: int = IMAGE
     question = QUESTIONS[kind].format(**slots)
     return ImageQA(image=image, kind=kind, question=question, answer=slots["answer"],
                    answer_sentence=answer_sentence, items=tuple(items))
+
+
+def describe(items: tuple[DrawnItem, ...] | list[DrawnItem]) -> str:
+    """Everything drawn, from the left: "A red circle, the word lamp in blue and a green star."
+
+    A dense answer (every colour, shape and word) for the same drawing, so that each image teaches a vision
+    tower trained from random weights far more than a one-word answer does.
+    """
+    parts = [DESCRIBE_PARTS["word"].format(word=item.text, color=item.color) if item.kind == "word"
+             else DESCRIBE_PARTS["shape"].format(a="an" if item.color[0] in "aeiou" else "a", color=item.color,
+                                                 shape=item.kind)
+             for item in sorted(items, key=lambda item: item.x)]
+    text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + DESCRIBE_PARTS["join"] + parts[-1]
+    return text[0].upper() + text[1:] + "."
 
 
 def _answer_sentence(kind: str, slots: dict) -> str:
@@ -282,6 +299,7 @@ def vocabulary_words() -> set[str]:
     """Every word the questions and answers can use."""
     words: set[str] = set()
     texts = list(QUESTIONS.values()) + [t for v in ANSWERS.values() for t in (v if isinstance(v, tuple) else (v,))]
+    texts += [DESCRIBE_QUESTION, *DESCRIBE_PARTS.values()]  # {a} is a slot: "a an" names both articles
     for text in texts:
         words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", text.lower())))
     for pair in SHAPES:

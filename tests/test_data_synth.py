@@ -48,6 +48,7 @@ def test_every_generated_word_is_in_the_vocabulary_and_every_word_is_used():
     for _ in range(1500):
         qa = make_image_qa(rng)
         used.update(words_of(qa.question) + words_of(qa.answer) + words_of(qa.answer_sentence))
+        used.update(words_of(synth_images.DESCRIBE_QUESTION) + words_of(synth_images.describe(qa.items)))
     for split in ("train", "test"):
         for needle in lectures.make_needles(rng, 300, split):
             used.update(words_of(needle.fact) + words_of(needle.question) + words_of(needle.answer))
@@ -154,6 +155,22 @@ def test_every_question_kind_is_drawn():
         qa = make_image_qa(rng, kind)
         assert qa.kind == kind and qa.answer and qa.question.endswith("?") and qa.answer_sentence.endswith(".")
         assert qa.image.size == (synth_images.IMAGE_SIZE, synth_images.IMAGE_SIZE)
+
+
+def test_describe_names_everything_drawn_from_the_left():
+    vocab = set(vocabulary())
+    for seed in range(30):
+        qa = make_image_qa(random.Random(seed))
+        text = synth_images.describe(qa.items)
+        assert text[0].isupper() and text.endswith(".") and set(re.findall(r"[a-z]+", text.lower())) <= vocab
+        ordered = sorted(qa.items, key=lambda item: item.x)
+        mentions = [m.group(0) for m in re.finditer(r"the word \w+ in \w+|\ban? \w+ \w+", text.lower())]
+        assert len(mentions) == len(ordered)
+        for mention, item in zip(mentions, ordered):
+            want = f"the word {item.text} in {item.color}" if item.kind == "word" else f"{item.color} {item.kind}"
+            assert mention.endswith(want), (mention, item)
+    items = [synth_images.DrawnItem("star", "orange", 150, 20, 10), synth_images.DrawnItem("circle", "red", 30, 50, 10)]
+    assert synth_images.describe(items) == "A red circle and an orange star."
 
 
 # ---------------------------------------------------------------------- speech

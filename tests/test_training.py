@@ -96,9 +96,38 @@ def test_written_needle_questions():
         assert 1 <= len(facts) and all(split_of(f.rstrip(".") + ".") == "train" for f in facts)
 
 
-def test_stage0_base_pass_trains_llm_and_vision(workspace):
+def test_drawn_image_records(tmp_path):
+    from lyra.data.synth_images import DESCRIBE_QUESTION, QUESTIONS
+
+    from lyra.training.data import drawn_image_records
+
+    records = drawn_image_records(6, tmp_path, seed=3)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 6 and not any(".partial" in f.name for f in files)
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = drawn_image_records(6, tmp_path, seed=3)  # the same questions, the images reused as written
+    assert [r.conversations for r in again] == [r.conversations for r in records]
+    assert [f.stat().st_mtime_ns for f in sorted(tmp_path.iterdir())] == stamps
+    templates = [q.split("{")[0] for q in QUESTIONS.values()]
+    for i, r in enumerate(records):  # every other record asks for the whole drawing, the rest one question
+        human, gpt = r.conversations
+        assert human.value.startswith("<image>\n") and r.image_paths()[0].is_file() and gpt.value
+        if i % 2 == 0:
+            assert human.value[8:] == DESCRIBE_QUESTION and gpt.value.endswith(".")
+        else:
+            assert any(human.value[8:].startswith(t) for t in templates) and human.value != DESCRIBE_QUESTION
+    other = drawn_image_records(6, tmp_path / "other", seed=4)
+    assert [r.conversations for r in other] != [r.conversations for r in records]
+
+
+def test_stage0_base_pass_trains_llm_vision_and_speech_projector(workspace):
+    before = parameters(load_pretrained(workspace["base"]).model)  # the same seed builds the same fresh model
     result = run_stage(workspace, 0, "stage0")
-    assert set(result.trainable) == {"llm", "vision"}
+    assert set(result.trainable) == {"llm", "vision", "projector:speech"}
+    moved = changed(before, result.model)
+    for prefix in ("backbone.model.language_model.", "backbone.model.visual.", "speech_projectors.speech."):
+        assert any(n.startswith(prefix) for n in moved), prefix
+    assert not any(n.startswith(("speech_encoder.", "speech_projectors.long_speech.")) for n in moved)
     curve = losses(result)
     assert len(curve) == 6 and curve[-1] < curve[0] - 0.3, curve
     assert_reloads(result, workspace)

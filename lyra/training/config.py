@@ -69,7 +69,8 @@ class DataConfig:
     train: tuple[DataSource, ...] = ()  # manifests of the mixture
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
-    text_seed: int = 0  # seed of those conversations
+    drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
+    text_seed: int = 0  # seed of those conversations and images
     cache_speech: bool = True  # encode every clip once with the frozen speech encoder and keep its frames in RAM
     cache_dtype: str = "float16"  # dtype of the cached frames ("float16" halves the RAM; used in every step alike)
     cache_dir: str | None = ".frame_cache"  # on-disk cache (relative: to root) shared by stages and resumes; None: RAM
@@ -143,9 +144,9 @@ class TrainConfig:
             raise TrainConfigError(
                 f"stage {self.stage} trains on top of an earlier stage: set model.init_from to that stage's output folder"
             )
-        if not self.data.train and not self.data.text_corpus and not self.data.text_needles:
-            raise TrainConfigError("the run has no data: list manifests under data.train (or set data.text_corpus "
-                                   "or data.text_needles)")
+        if not (self.data.train or self.data.text_corpus or self.data.text_needles or self.data.drawn_images):
+            raise TrainConfigError("the run has no data: list manifests under data.train (or set data.text_corpus, "
+                                   "data.text_needles or data.drawn_images)")
 
     def to_dict(self) -> dict:
         """Plain types, for YAML."""

@@ -47,6 +47,7 @@ __all__ = [
     "TrainCollator",
     "attach_units",
     "build_train_dataset",
+    "drawn_image_records",
     "encoder_frames_given",
     "needle_records",
     "text_records",
@@ -65,6 +66,7 @@ SAY_PROMPT = "Say this sentence: "  # the data builder's read-aloud instruction 
 WRITE_PROMPT = "Write a sentence from the lecture."  # free generation of one corpus sentence
 NEEDLE_PASSAGE = (1, 10)  # corpus sentences around the facts of a written needle passage
 NEEDLE_FACTS = (1, 3)  # facts (needles) per passage
+DRAWN_IMAGES_DIR = ".drawn_images"  # under the data root: images of `data.drawn_images`, one folder per seed
 ENCODE_BATCH_WINDOWS = 16  # windows per speech-encoder call while filling the frame cache
 
 
@@ -107,6 +109,37 @@ def needle_records(n: int, seed: int = 0) -> list[Record]:
         asked = rng.choice(needles)
         records.append(Record(id=f"needle-{seed}-{i:06d}", conversations=(
             Turn(HUMAN, " ".join(sentences) + "\n" + asked.question), Turn(GPT, asked.answer))))
+    return records
+
+
+def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = False) -> list[Record]:
+    """`n` typed questions about freshly drawn images (lyra.data.synth_images): every other one asks for
+    everything drawn, from the left (`describe`), the rest ask the data builder's questions.
+
+    A vision tower that starts from random weights needs many more images than the data builder's spoken
+    set (drawing one costs milliseconds, speaking its question a second), and a description teaches it every
+    colour, shape and word of the drawing where a one-word answer teaches one. Each image follows from its
+    own seed and is written once under `folder` (atomically), so later runs reuse it.
+    """
+    import random
+
+    from lyra.data.synth_images import DESCRIBE_QUESTION, describe, make_image_qa
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    bar = _bar(n, "drawing images", progress)
+    for i in range(n):
+        qa = make_image_qa(random.Random(f"drawn-image-{seed}-{i}"))
+        path = folder / f"drawn-{seed}-{i:06d}.png"
+        if not path.is_file():
+            partial = path.with_suffix(".partial.png")
+            qa.image.save(partial)
+            os.replace(partial, path)
+        question, answer = (DESCRIBE_QUESTION, describe(qa.items)) if i % 2 == 0 else (qa.question, qa.answer)
+        records.append(Record(id=path.stem, images=(str(path.resolve()),), conversations=(
+            Turn(HUMAN, f"{IMAGE_PLACEHOLDER}\n{question}"), Turn(GPT, answer))))
+        bar.update(1)
+    bar.close()
     return records
 
 
@@ -184,6 +217,10 @@ def build_train_dataset(
         parts.append(ConversationDataset(text_records(config.text_corpus, config.text_seed), processor))
     if config.text_needles:
         parts.append(ConversationDataset(needle_records(config.text_needles, config.text_seed), processor))
+    if config.drawn_images:
+        folder = Path(config.root) / DRAWN_IMAGES_DIR / str(config.text_seed)
+        records = drawn_image_records(config.drawn_images, folder, config.text_seed, progress=progress)
+        parts.append(ImageQADataset(records, processor, skip_broken=config.skip_broken))
     if config.cache_speech and model is not None:
         cache_dir = None
         if config.cache_dir is not None:

@@ -2,14 +2,16 @@
 
 | stage | trains | adapter in the forward | loss |
 |---|---|---|---|
-| 0 base | LLM (embeddings, layers, norm, head) + the whole vision tower | none (plain Qwen2-VL) | CE |
+| 0 base | LLM (embeddings, layers, norm, head) + the whole vision tower + the "speech" projector | none | CE |
 | 1 alignment | the "speech" projector | none | CE |
 | 2 instruction | "speech" LoRA + "speech" projector | speech | CE + lambda * LCMR |
 | 3 long speech | "long_speech" LoRA + "long_speech" projector (started from the speech projector) | long_speech | CE |
 | 4 speech generation | the CTC speech generator | routed from the input | generator CTC |
 
 Stage 0 exists because no base weights can be installed here: the reference starts from a pretrained
-Qwen2-VL, the nano model from random weights. The Whisper encoder is frozen in every stage.
+Qwen2-VL, the nano model from random weights. It may also read speech (ASR clips through the "speech"
+projector): a from-scratch LLM learns to read speech tokens far faster while all its weights move than
+through LoRA and the projector alone (docs/nano.md). The Whisper encoder is frozen in every stage.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class StageSpec:
 
 
 STAGES: dict[int, StageSpec] = {
-    0: StageSpec(0, "base", trains=(LLM, VISION), adapter=None),
+    0: StageSpec(0, "base", trains=(LLM, VISION, projector(SPEECH_ADAPTER)), adapter=None),
     1: StageSpec(1, "alignment", trains=(projector(SPEECH_ADAPTER),), adapter=None),
     2: StageSpec(2, "instruction", trains=(lora(SPEECH_ADAPTER), projector(SPEECH_ADAPTER)), adapter=SPEECH_ADAPTER,
                  lcmr=True),
