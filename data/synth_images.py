@@ -57,7 +57,8 @@ QUESTIONS = {
     "word_color": "What color is the word?",
 }
 DESCRIBE_QUESTION = "What is in the picture from the left?"  # answered by describe(items)
-DESCRIBE_PARTS = {"shape": "{a} {color} {shape}", "word": "the word {word} in {color}", "join": " and ", "a": "a an"}
+DESCRIBE_PARTS = {"shape": "{a} {color} {shape}", "word": "the word {word} in {color}", "join": " and "}
+ARTICLES = ("a", "an")  # the {a} of a shape: "an" before a colour that starts with a vowel
 ANSWERS = {
     "count": ("There is one {color} {shape}.", "There are {n} {color} {shapes}."),
     "count_all": ("There is one shape.", "There are {n} shapes."),
@@ -118,8 +119,7 @@ def describe(items: tuple[DrawnItem, ...] | list[DrawnItem]) -> str:
     tower trained from random weights far more than a one-word answer does.
     """
     parts = [DESCRIBE_PARTS["word"].format(word=item.text, color=item.color) if item.kind == "word"
-             else DESCRIBE_PARTS["shape"].format(a="an" if item.color[0] in "aeiou" else "a", color=item.color,
-                                                 shape=item.kind)
+             else DESCRIBE_PARTS["shape"].format(a=ARTICLES[item.color[0] in "aeiou"], color=item.color, shape=item.kind)
              for item in sorted(items, key=lambda item: item.x)]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + DESCRIBE_PARTS["join"] + parts[-1]
     return text[0].upper() + text[1:] + "."
@@ -299,7 +299,7 @@ def vocabulary_words() -> set[str]:
     """Every word the questions and answers can use."""
     words: set[str] = set()
     texts = list(QUESTIONS.values()) + [t for v in ANSWERS.values() for t in (v if isinstance(v, tuple) else (v,))]
-    texts += [DESCRIBE_QUESTION, *DESCRIBE_PARTS.values()]  # {a} is a slot: "a an" names both articles
+    texts += [DESCRIBE_QUESTION, *DESCRIBE_PARTS.values(), *ARTICLES]
     for text in texts:
         words.update(re.findall(r"[a-z]+", re.sub(r"\{[a-z]+\}", " ", text.lower())))
     for pair in SHAPES:
