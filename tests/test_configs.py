@@ -95,6 +95,9 @@ def test_training_yaml_errors_name_the_problem(tmp_path):
     bad.write_text("stage: 0\ndata: {train: [{manifest: a.jsonl, task: poetry}]}\n")
     with pytest.raises(TrainConfigError, match="poetry"):
         load_train_config(bad)
+    bad.write_text("stage: 0\ndata: {drawn_images: -4}\n")
+    with pytest.raises(TrainConfigError, match=r"data.drawn_images .* 0 or more, got -4"):
+        load_train_config(bad)
     good = tmp_path / "good.yaml"
     good.write_text("stage: 0\ndata: {train: [{manifest: a.jsonl}]}\noptim: {learning_rate: 1e-3}\n")
     assert load_train_config(good).optim.learning_rate == pytest.approx(1e-3)  # YAML reads 1e-3 as a string

@@ -144,6 +144,9 @@ class TrainConfig:
             raise TrainConfigError(
                 f"stage {self.stage} trains on top of an earlier stage: set model.init_from to that stage's output folder"
             )
+        for name in ("text_corpus", "text_needles", "drawn_images"):
+            if getattr(self.data, name) < 0:
+                raise TrainConfigError(f"data.{name} is a number of samples: 0 or more, got {getattr(self.data, name)}")
         if not (self.data.train or self.data.text_corpus or self.data.text_needles or self.data.drawn_images):
             raise TrainConfigError("the run has no data: list manifests under data.train (or set data.text_corpus, "
                                    "data.text_needles or data.drawn_images)")
