@@ -41,7 +41,15 @@ from lyra.data.corpus import SentenceGenerator, split_of, vocabulary
 from lyra.data.lectures import write_lecture
 from lyra.data.manifest import write_manifest
 from lyra.data.synth_images import make_image_qa
-from lyra.data.synth_speech import ESPEAK_TEST_VOICE, PIPER_TEST_VOICE, Voice, Voices, sample_voice, write_audio
+from lyra.data.synth_speech import (
+    ANSWER_VOICE,
+    ESPEAK_TEST_VOICE,
+    PIPER_TEST_VOICE,
+    Voice,
+    Voices,
+    sample_voice,
+    write_audio,
+)
 
 __all__ = ["PRESETS", "BuildConfig", "build"]
 
@@ -191,14 +199,15 @@ def plan(config: BuildConfig) -> list[Block]:
     for split in ("train", "test"):
         add(f"lectures/{split}", "lecture", [x for x in lectures if x["split"] == split], size=1)
 
-    # Speech generation: read-aloud sentences and spoken image answers, always in the answering voice.
+    # Speech generation: read-aloud sentences and spoken image answers, always in the answering voice (the nano
+    # vocoder's own).
     rng = section_rng("speechgen")
     for split, n in (("train", config.speechgen_train), ("test", config.speechgen_test)):
         pool = SentenceGenerator(_seed(config.seed, "speechgen", split)).generate(
             n, split, exclude={s.text for s in test})
         items = []
         for i in range(n):
-            item = {"id": f"speechgen-{split}-{i:06d}", "answer_voice": test_voice}
+            item = {"id": f"speechgen-{split}-{i:06d}", "answer_voice": asdict(ANSWER_VOICE)}
             if i % 2 == 0:
                 item.update(kind="say", text=pool[i].text)
             else:

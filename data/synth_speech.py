@@ -29,6 +29,7 @@ import soxr
 from lyra.constants import SAMPLE_RATE
 
 __all__ = [
+    "ANSWER_VOICE",
     "ESPEAK_TEST_VOICE",
     "PIPER_TEST_VOICE",
     "AudioFileWriter",
@@ -81,6 +82,9 @@ class Voice:
 
 PIPER_TEST_VOICE = Voice("piper", 1.0)  # the held-out test condition: Piper at its own pace
 ESPEAK_TEST_VOICE = Voice("espeak", 175)  # espeak-ng's default en-us voice and rate
+# Spoken answers (speech-generation targets): the voice the nano vocoder learned (lyra.data.vocoder_recipe),
+# since its units only come back as words when the speech is in that voice (docs/nano.md, "Run 3").
+ANSWER_VOICE = Voice("espeak", 160)
 
 
 def sample_voice(rng: random.Random, engine: str) -> Voice:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from lyra.data.speech_eval import WhisperTranscriber, word_error_rate
+from lyra.data.synth_speech import ANSWER_VOICE
 from lyra.data.units import (
     CENTROIDS_KEY,
     FEATURES,
@@ -49,7 +50,7 @@ from lyra.vocoder import EMBEDDED_VOCODER, NanoVocoder, NanoVocoderConfig
 
 SAMPLE_RATE = 16000
 VOICE = "en-us"  # espeak-ng voice
-SPEED = 160  # espeak-ng words per minute
+SPEED = int(ANSWER_VOICE.rate)  # espeak-ng words per minute (the speech-generation answers use this voice too)
 
 # ---- sentences ---------------------------------------------------------------------------------------
 _SUBJECTS = ["the teacher", "my brother", "a young doctor", "the old farmer", "our neighbour", "the pilot",

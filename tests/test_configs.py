@@ -72,16 +72,16 @@ def test_json_files_parse():
 
 
 def test_nano_stages_chain_into_each_other():
-    names = ["0", "1", "0_speech", "0_vision", "2", "3", "4"]  # the README's order
+    names = ["0", "1", "0_speech", "0_vision", "0_mix", "2", "3", "4"]  # the README's order
     configs = [load_train_config(CONFIGS / "train" / f"nano_stage{name}.yaml") for name in names]
-    assert [c.stage for c in configs] == [0, 1, 0, 0, 2, 3, 4]
+    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 2, 3, 4]
     assert configs[0].model.init_from is None and configs[0].model.tokenizer == "compact"
     for before, after in itertools.pairwise(configs):
         assert after.model.init_from == before.run.output_dir
-    assert configs[3].data.drawn_images > 0
-    assert configs[4].lcmr_weight == 0.5
-    assert configs[6].export.enabled and configs[6].export.max_megabytes == 25
-    assert configs[6].export.path == "lyra/checkpoints/nano"
+    assert configs[3].data.drawn_images > 0 and configs[4].data.drawn_images > 0
+    assert configs[5].lcmr_weight == 0.5
+    assert configs[7].export.enabled and configs[7].export.max_megabytes == 25
+    assert configs[7].export.path == "lyra/checkpoints/nano"
 
 
 def test_training_yaml_errors_name_the_problem(tmp_path):

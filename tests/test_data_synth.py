@@ -26,7 +26,7 @@ from lyra.data.corpus import (
 )
 from lyra.data.manifest import read_manifest
 from lyra.data.synth_images import IMAGE_COLORS, make_image_qa
-from lyra.data.synth_speech import EspeakSynthesizer, PiperSynthesizer, Voice
+from lyra.data.synth_speech import ANSWER_VOICE, EspeakSynthesizer, PiperSynthesizer, Voice
 
 # ---------------------------------------------------------------------- vocabulary
 
@@ -256,6 +256,17 @@ def test_plan_includes_piper_test_conditions():
     texts = {b.manifest: [i["text"] for i in b.items] for b in blocks if b.kind == "asr"}
     assert texts["asr/test_piper"] == texts["asr/test_espeak"]
     assert set(texts["asr/train"]).isdisjoint(texts["asr/test_piper"])
+
+
+def test_spoken_answers_are_in_the_vocoders_voice():
+    """Stage 4 learns the nano vocoder's units of the answers: only speech in its own voice comes back as words."""
+    from lyra.data import vocoder_recipe
+
+    blocks = plan(BuildConfig(out=Path("/nonexistent"), seed=0, **PRESETS["tiny"]))
+    voices = {Voice(**item["answer_voice"]) for b in blocks if b.kind == "speechgen" for item in b.items}
+    assert voices == {ANSWER_VOICE}
+    assert ANSWER_VOICE.engine == "espeak" and ANSWER_VOICE.rate == vocoder_recipe.SPEED
+    assert not ANSWER_VOICE.variant and ANSWER_VOICE.pitch == 50  # espeak-ng's own, as the recipe speaks
 
 
 def test_multi_sentence_clips_fit_one_window(tmp_path):
