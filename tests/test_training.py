@@ -247,6 +247,11 @@ def test_cli_train_and_eval(workspace, tmp_path):
     asr = [r for r in rows if r["task"] == "asr"]
     assert asr and asr[0]["n"] == 2 and asr[0]["value"] >= 0
     assert {r["dataset"] for r in rows if r["task"] == "image_qa"} == {"image_qa/test", "image_qa/test_typed"}
+    for row in (r for r in rows if r["task"] == "image_qa"):  # "correct/total" per question kind
+        counts = [tuple(map(int, v.split("/"))) for v in row["details"]["by_kind"].values()]
+        assert sum(t for _, t in counts) == row["n"] == 2 and all(0 <= c <= t for c, t in counts)
+        assert sum(c for c, _ in counts) == round(row["value"] * row["n"])
+    assert "Correct answers by question kind:\n- image_qa/test: " in (report_dir / "report.md").read_text()
     needles = [r for r in rows if r["task"] == "needle"]
     assert [r["details"]["extractor"] for r in needles] == ["off", "keep 1", "keep 0.5"]
     assert all(r["details"]["prefill_s"] > 0 and r["details"]["minutes"] == 0.5 for r in needles)
@@ -261,6 +266,19 @@ def test_cli_train_and_eval(workspace, tmp_path):
     result = runner.invoke(main, ["eval", "--model", str(out), "--data", str(workspace["data"]), "--tasks", "needle",
                                   "--lecture-minutes", "half"])
     assert result.exit_code != 0 and "--lecture-minutes" in result.output
+
+
+def test_correct_by_kind_needs_every_kind():
+    from lyra.data.manifest import GPT, HUMAN, Record, Turn
+    from lyra.training.evaluate import correct_by_kind
+
+    def record(i, **extra):
+        return Record(id=str(i), conversations=(Turn(HUMAN, "q"), Turn(GPT, "a")), extra=extra)
+
+    records = [record(0, kind="count_all"), record(1, kind="shape_color"), record(2, kind="count_all")]
+    got = correct_by_kind(records, ["two", "red", "six"], ["two", "blue", "three"])
+    assert got == {"count_all": "1/2", "shape_color": "0/1"}
+    assert correct_by_kind(records + [record(3)], ["two", "red", "six", "x"], ["two", "blue", "three", "x"]) == {}
 
 
 def test_spoken_answer_reads_the_training_positions(workspace):

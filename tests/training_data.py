@@ -42,10 +42,10 @@ def build_smoke_data(root: Path, *, n_asr: int = 4, n_images: int = 4, n_speechg
         write_audio(root / "image_qa" / audio, speak(qa.question, voice))
         spoken.append({"id": f"img-{i}", "image": image, "speech": audio, "speech_asr": qa.question,
                        "conversations": [{"from": "human", "value": "<image>\n<speech>"},
-                                         {"from": "gpt", "value": qa.answer}]})
+                                         {"from": "gpt", "value": qa.answer}], "kind": qa.kind})
         typed.append({"id": f"img-{i}-typed", "image": image,
                       "conversations": [{"from": "human", "value": f"<image>\n{qa.question}"},
-                                        {"from": "gpt", "value": qa.answer}]})
+                                        {"from": "gpt", "value": qa.answer}], "kind": qa.kind})
     write_manifest(root / "image_qa" / "train.jsonl", spoken)
     write_manifest(root / "image_qa" / "train_typed.jsonl", typed)
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from lyra.data.manifest import Record, read_manifest
-from lyra.data.metrics import accuracy, answer_matches, wer
+from lyra.data.metrics import accuracy, accuracy_by, answer_matches, wer
 from lyra.modeling import LyraForConditionalGeneration
 from lyra.processing import LyraProcessor
 
@@ -81,11 +81,15 @@ class EvalReport:
         lines = [f"# Evaluation of {self.model}", "",
                  "| task | test set | setting | metric | value | n | prefill s |", "|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            setting = ", ".join(f"{k} {v}" for k, v in r.details.items() if k != "prefill_s")
+            setting = ", ".join(f"{k} {v}" for k, v in r.details.items() if k != "prefill_s" and not isinstance(v, dict))
             prefill = r.details.get("prefill_s")
             value = f"{100 * r.value:.2f} %"
             lines.append(f"| {r.task} | {r.dataset} | {setting or '-'} | {r.metric} | {value} | {r.n} | "
                          f"{'-' if prefill is None else f'{prefill:.2f}'} |")
+        by_kind = [r for r in self.rows if r.details.get("by_kind")]
+        if by_kind:
+            lines += ["", "Correct answers by question kind:"] + [
+                f"- {r.dataset}: " + ", ".join(f"{k} {v}" for k, v in r.details["by_kind"].items()) for r in by_kind]
         if self.skipped:
             lines += ["", "Not evaluated:"] + [f"- {s}" for s in self.skipped]
         lines += ["", f"({self.seconds:.0f} s)"]
@@ -170,8 +174,18 @@ def evaluate_image_qa(model, processor, manifest: Path, settings: EvalSettings, 
     references = [r.answers[-1] for r in records]
     score = accuracy(predictions, references)
     spoken = "question spoken" if any(r.speech for r in records) else "question typed"
-    report.rows.append(EvalRow("image_qa", name, "accuracy", score.accuracy, score.total, {"input": spoken}))
+    details = {"input": spoken, "by_kind": correct_by_kind(records, predictions, references)}
+    report.rows.append(EvalRow("image_qa", name, "accuracy", score.accuracy, score.total, details))
     report.examples[name] = _examples(records, references, predictions)
+
+
+def correct_by_kind(records: Sequence[Record], predictions: Sequence[str], references: Sequence[str]) -> dict[str, str]:
+    """"correct/total" per question kind (the data builder's `kind` field: "count_all", "word_color", ...),
+    kinds in first-seen order; empty when a record has no kind."""
+    kinds = [r.extra.get("kind") for r in records]
+    if not kinds or None in kinds:
+        return {}
+    return {k: f"{s.correct}/{s.total}" for k, s in accuracy_by(kinds, predictions, references).items()}
 
 
 def evaluate_needles(model, processor, manifest: Path, settings: EvalSettings, report: EvalReport, name: str) -> None:
