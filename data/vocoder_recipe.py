@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from lyra.data.speech_eval import WhisperTranscriber, word_error_rate
 from lyra.data.synth_speech import ANSWER_VOICE
 from lyra.data.units import (
@@ -46,6 +45,7 @@ from lyra.data.units import (
     fit_kmeans,
     log_mel_frames,
 )
+
 from lyra.vocoder import EMBEDDED_VOCODER, NanoVocoder, NanoVocoderConfig
 
 SAMPLE_RATE = 16000

@@ -270,6 +270,7 @@ def test_cli_train_and_eval(workspace, tmp_path):
 
 def test_correct_by_kind_needs_every_kind():
     from lyra.data.manifest import GPT, HUMAN, Record, Turn
+
     from lyra.training.evaluate import correct_by_kind
 
     def record(i, **extra):

@@ -81,7 +81,8 @@ class EvalReport:
         lines = [f"# Evaluation of {self.model}", "",
                  "| task | test set | setting | metric | value | n | prefill s |", "|---|---|---|---|---|---|---|"]
         for r in self.rows:
-            setting = ", ".join(f"{k} {v}" for k, v in r.details.items() if k != "prefill_s" and not isinstance(v, dict))
+            shown = {k: v for k, v in r.details.items() if k != "prefill_s" and not isinstance(v, dict)}
+            setting = ", ".join(f"{k} {v}" for k, v in shown.items())
             prefill = r.details.get("prefill_s")
             value = f"{100 * r.value:.2f} %"
             lines.append(f"| {r.task} | {r.dataset} | {setting or '-'} | {r.metric} | {value} | {r.n} | "
