@@ -119,7 +119,8 @@ def describe(items: tuple[DrawnItem, ...] | list[DrawnItem]) -> str:
     tower trained from random weights far more than a one-word answer does.
     """
     parts = [DESCRIBE_PARTS["word"].format(word=item.text, color=item.color) if item.kind == "word"
-             else DESCRIBE_PARTS["shape"].format(a=ARTICLES[item.color[0] in "aeiou"], color=item.color, shape=item.kind)
+             else DESCRIBE_PARTS["shape"].format(a=ARTICLES[item.color[0] in "aeiou"], color=item.color,
+                                                 shape=item.kind)
              for item in sorted(items, key=lambda item: item.x)]
     text = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + DESCRIBE_PARTS["join"] + parts[-1]
     return text[0].upper() + text[1:] + "."
