@@ -13,11 +13,12 @@ import random
 import re
 from dataclasses import dataclass
 
+import numpy as np
 from lyra.data.corpus import number_words
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["DESCRIBE_QUESTION", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem", "ImageQA", "describe",
-           "make_image_qa", "vocabulary_words"]
+__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem",
+           "ImageQA", "cell_labels", "describe", "make_image_qa", "vocabulary_words"]
 
 IMAGE_SIZE = 224  # pixels per side: 8 x 8 = 64 image tokens after Qwen2-VL's 14-pixel patches and 2 x 2 merge
 SHAPES = (
@@ -208,7 +209,7 @@ def _where(rng, size):
 
 
 def _which_shape(rng, size):
-    items, places, shapes, colors = _placed(rng, size, rng.randint(2, 3))
+    items, places, shapes, _colors = _placed(rng, size, rng.randint(2, 3))
     return items, {"shape": shapes[0], "place": POSITIONS[places[0]][1], "answer": shapes[0]}
 
 
@@ -289,6 +290,41 @@ def _draw_shape(pen: ImageDraw.ImageDraw, kind: str, x: float, y: float, r: floa
         pen.rectangle((x - b, y - a, x + b, y + a), fill=fill)
     else:
         raise ValueError(f"unknown shape {kind!r}")
+
+
+# Per-cell labels (a vision tower's dense training targets): index 0 is the background in both.
+CELL_KINDS = ("background", *(shape for shape, _ in SHAPES), "word")
+CELL_COLORS = ("background", *IMAGE_COLORS)
+MIN_CELL_COVER = 60  # pixels of a thing a cell must hold to be labelled with it (of 28 x 28 at 224 px and 8 cells)
+
+
+def cell_labels(items: tuple[DrawnItem, ...] | list[DrawnItem], size: int = IMAGE_SIZE,
+                cells: int = 8) -> tuple[list[int], list[int]]:
+    """What each cell of a ``cells`` x ``cells`` grid over the drawing holds, row by row from the top left:
+    the index in ``CELL_KINDS`` and in ``CELL_COLORS`` of the thing covering most of its pixels, or 0 when fewer
+    than ``MIN_CELL_COVER`` (scaled to the cell's area) are covered. The grid of a Qwen2-VL vision tower's merged
+    tokens is such a grid (224 px, 14 px patches, 2 x 2 merge: 8 x 8), in the same order.
+    """
+    if size % cells:
+        raise ValueError(f"an image of {size} px does not split into {cells} equal cells")
+    masks = []
+    for classes in (CELL_KINDS, CELL_COLORS):
+        mask = Image.new("L", (size, size), 0)
+        pen = ImageDraw.Draw(mask)
+        pen.fontmode = "1"  # no anti-aliasing: a glyph's edge pixels would read as other classes
+        for item in items:  # drawn in order, like draw(): a later item covers an earlier one
+            value = classes.index(item.kind if classes is CELL_KINDS else item.color)
+            if item.kind == "word":
+                pen.text((item.x, item.y), item.text, fill=value, font=_font(int(item.size)), anchor="mm")
+            else:
+                _draw_shape(pen, item.kind, item.x, item.y, item.size, value)
+        side = size // cells
+        blocks = np.asarray(mask).reshape(cells, side, cells, side).transpose(0, 2, 1, 3).reshape(cells * cells, -1)
+        counts = np.stack([(blocks == c).sum(1) for c in range(len(classes))], axis=1)
+        counts[:, 0] = 0
+        covered = counts.sum(1) >= MIN_CELL_COVER * side * side / 28 ** 2
+        masks.append(np.where(covered, counts.argmax(1), 0).tolist())
+    return masks[0], masks[1]
 
 
 def _regular(x: float, y: float, r: float, n: int, start_deg: float) -> list[tuple[float, float]]:

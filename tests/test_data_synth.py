@@ -173,6 +173,27 @@ def test_describe_names_everything_drawn_from_the_left():
     assert synth_images.describe(items) == "A red circle and an orange star."
 
 
+def test_cell_labels_follow_the_drawing():
+    from lyra.data.synth_images import CELL_COLORS, CELL_KINDS, DrawnItem, cell_labels
+
+    circle = DrawnItem("circle", "red", 28 * 5 + 14, 28 * 2 + 14, 20)  # centred in row 2, column 5 of 8 x 8
+    word = DrawnItem("word", "blue", 60, 196, 36, "lamp")  # rows 6 and 7
+    kinds, colors = cell_labels([circle, word])
+    assert len(kinds) == len(colors) == 64
+    assert (kinds[2 * 8 + 5], colors[2 * 8 + 5]) == (CELL_KINDS.index("circle"), CELL_COLORS.index("red"))
+    assert kinds[0] == colors[0] == 0 and kinds[63] == 0  # empty corners are background
+    word_cells = {i for i, k in enumerate(kinds) if k == CELL_KINDS.index("word")}
+    assert word_cells and all(i // 8 in (6, 7) and colors[i] == CELL_COLORS.index("blue") for i in word_cells)
+    assert {i for i, k in enumerate(kinds) if k == CELL_KINDS.index("circle")} <= {13, 20, 21, 22, 29}
+    covered = cell_labels([DrawnItem("square", "green", 112, 112, 4)])[0]  # 8 x 8 px: under a cell's minimum
+    assert set(covered) == {0}
+    qa = make_image_qa(random.Random(3), "count_all")
+    painted = {CELL_KINDS[k] for k in cell_labels(qa.items)[0]} - {"background"}
+    assert painted == {item.kind for item in qa.items}  # every shape holds at least one cell (r >= 12 px)
+    with pytest.raises(ValueError, match="equal cells"):
+        cell_labels([circle], cells=5)
+
+
 # ---------------------------------------------------------------------- speech
 
 

@@ -136,6 +136,61 @@ def test_stage0_base_pass_trains_llm_vision_and_speech_projector(workspace):
     assert summary["global_step"] == 6 and summary["stage"] == 0
 
 
+def run_tower(workspace, name: str, resume: bool = False, **overrides):
+    settings = {"model.init_from": str(workspace["base"]), "run.output_dir": str(workspace["root"] / name), **overrides}
+    return train(load_train_config(SMOKE / "stage0_tower.yaml", **settings), resume=resume, progress=False)
+
+
+def test_stage0_tower_pass_trains_a_fresh_tower_alone(workspace):
+    base = parameters(load_pretrained(workspace["base"]).model)
+    result = run_tower(workspace, "tower")
+    visual = "backbone.model.visual."
+    assert result.trainable == {"vision": sum(p.numel() for n, p in base.items() if n.startswith(visual))}
+    now = dict(result.model.named_parameters())
+    assert not {n for n, p in base.items() if not n.startswith(visual) and not torch.equal(p, now[n])}
+    assert all(not torch.equal(p, now[n]) for n, p in base.items() if n.startswith(visual) and p.dim() > 1)  # fresh
+    curve = losses(result)
+    assert len(curve) == 6 and curve[-1] < curve[0] - 0.5, curve
+    assert set(result.held_out) == {"kind_accuracy", "color_accuracy"}
+    assert all(0 <= v <= 1 for v in result.held_out.values())
+    reloaded = dict(load_pretrained(result.output_dir, attn_implementation="eager").model.named_parameters())
+    for name, p in now.items():
+        torch.testing.assert_close(reloaded[name], p, rtol=0, atol=0)
+    summary = json.loads((result.output_dir / "train_summary.json").read_text())
+    assert summary["global_step"] == 6 and summary["held_out"] == result.held_out
+
+
+def test_stage0_tower_pass_resumes(workspace):
+    straight = run_tower(workspace, "tower_straight", **{"optim.max_steps": 4, "run.save_steps": 2})
+    run_tower(workspace, "tower_resumed", **{"optim.max_steps": 2, "run.save_steps": 2})
+    resumed = run_tower(workspace, "tower_resumed", resume=True, **{"optim.max_steps": 4, "run.save_steps": 2})
+    assert resumed.global_step == 4
+    b = dict(resumed.model.named_parameters())
+    for name, p in straight.model.named_parameters():
+        torch.testing.assert_close(p, b[name], rtol=0, atol=1e-6)
+
+
+def test_fresh_vision_takes_the_presets_shape(workspace, tmp_path):
+    import yaml
+
+    from lyra.training.trainer import with_fresh_vision
+
+    model = load_pretrained(workspace["base"]).model
+    preset = yaml.safe_load((SMOKE / "tiny_model.yaml").read_text())
+    preset["backbone"]["vision"].update(depth=2, embed_dim=48, num_heads=3)
+    (tmp_path / "wider.yaml").write_text(yaml.safe_dump(preset))
+    fresh = with_fresh_vision(model, str(tmp_path / "wider.yaml"))
+    assert len(fresh.visual.blocks) == 2 and fresh.config.backbone_config.vision_config.embed_dim == 48
+    old = dict(model.named_parameters())
+    for name, p in fresh.named_parameters():
+        if not name.startswith("backbone.model.visual."):
+            assert torch.equal(p, old[name]), name
+    preset["backbone"]["vision"]["hidden_size"] = 32  # the merger must give the LLM's width
+    (tmp_path / "narrow.yaml").write_text(yaml.safe_dump(preset))
+    with pytest.raises(ValueError, match="width 32"):
+        with_fresh_vision(model, str(tmp_path / "narrow.yaml"))
+
+
 def test_stage1_trains_only_the_speech_projector(workspace):
     before = parameters(load_pretrained(workspace["base"]).model)
     result = run_stage(workspace, 1, "stage1")

@@ -49,6 +49,7 @@ class ModelSource:
     tokenizer: str = "compact"  # fresh builds: "compact" (trained here, lyra.data.tokenizer), "qwen2", or a folder
     speech_encoder: str = "whisper-tiny.en"  # fresh builds: "whisper-tiny.en" (lyra.assets), a Whisper folder, or "random"
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
+    reset_vision: bool = False  # init_from runs: replace its vision tower by a fresh one of the preset's shape
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class DataConfig:
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
+    drawn_cells: int = 0  # stage 0's vision-tower pass: drawings labelled per cell; trains the tower alone (tower.py)
     text_seed: int = 0  # seed of those conversations and images
     cache_speech: bool = True  # encode every clip once with the frozen speech encoder and keep its frames in RAM
     cache_dtype: str = "float16"  # dtype of the cached frames ("float16" halves the RAM; used in every step alike)
@@ -144,12 +146,20 @@ class TrainConfig:
             raise TrainConfigError(
                 f"stage {self.stage} trains on top of an earlier stage: set model.init_from to that stage's output folder"
             )
-        for name in ("text_corpus", "text_needles", "drawn_images"):
+        for name in ("text_corpus", "text_needles", "drawn_images", "drawn_cells"):
             if getattr(self.data, name) < 0:
                 raise TrainConfigError(f"data.{name} is a number of samples: 0 or more, got {getattr(self.data, name)}")
-        if not (self.data.train or self.data.text_corpus or self.data.text_needles or self.data.drawn_images):
+        if not (self.data.train or self.data.text_corpus or self.data.text_needles or self.data.drawn_images
+                or self.data.drawn_cells):
             raise TrainConfigError("the run has no data: list manifests under data.train (or set data.text_corpus, "
-                                   "data.text_needles or data.drawn_images)")
+                                   "data.text_needles, data.drawn_images or data.drawn_cells)")
+        if self.data.drawn_cells and (self.stage != 0 or self.data.train or self.data.text_corpus
+                                      or self.data.text_needles or self.data.drawn_images):
+            raise TrainConfigError("data.drawn_cells is stage 0's vision-tower pass and trains on nothing else: use "
+                                   "stage: 0 and leave data.train, text_corpus, text_needles and drawn_images empty")
+        if self.model.reset_vision and self.model.init_from is None:
+            raise TrainConfigError("model.reset_vision replaces the vision tower of model.init_from; a fresh build "
+                                   "(no init_from) has a fresh tower already")
 
     def to_dict(self) -> dict:
         """Plain types, for YAML."""

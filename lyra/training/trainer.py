@@ -11,6 +11,7 @@ gradient accumulation, activation checkpointing, bf16/fp16 mixed precision and, 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -30,7 +31,8 @@ from lyra.training.config import TrainConfig, TrainConfigError
 from lyra.training.data import TrainCollator, build_train_dataset, encoder_frames_given
 from lyra.training.stages import STAGES, StageSpec, prepare_stage
 
-__all__ = ["LyraTrainer", "TrainResult", "build_model", "train", "training_arguments"]
+__all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "train", "training_arguments",
+           "with_fresh_vision"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ class TrainResult:
     samples: int  # training samples in the mixture
     log_history: list[dict] = field(default_factory=list)  # the Trainer's logs (loss, ce, lcmr, units, lr, ...)
     export: dict | None = None  # the export's path, size and parameter counts, when one was written
+    held_out: dict[str, float] = field(default_factory=dict)  # measures on held-out data (the tower pass: cells)
     model: LyraForConditionalGeneration | None = field(default=None, repr=False, compare=False)  # the trained model
 
 
@@ -152,14 +155,15 @@ def build_model(config: TrainConfig) -> tuple[LyraForConditionalGeneration, Lyra
     """The model a stage starts from: `init_from`'s folder, or (stage 0) a fresh build of the preset with its
     tokenizer and speech encoder."""
     source = config.model
+    set_seed(config.run.seed)  # fresh weights (a fresh build, a fresh vision tower) follow from the run's seed
     if source.init_from is not None:
         from lyra.pretrained import load_pretrained
 
         loaded = load_pretrained(source.init_from, attn_implementation=source.attn_implementation)
-        return loaded.model.float(), loaded.processor
+        model = loaded.model.float()
+        return (with_fresh_vision(model, source.preset) if source.reset_vision else model), loaded.processor
     from lyra.presets import build_config
 
-    set_seed(config.run.seed)
     model_config: LyraConfig = build_config(source.preset)
     tokenizer = _tokenizer_folder(source.tokenizer, Path(config.run.output_dir))
     if source.tokenizer != "qwen2":
@@ -174,6 +178,25 @@ def build_model(config: TrainConfig) -> tuple[LyraForConditionalGeneration, Lyra
         folder = assets.whisper_tiny_en() if source.speech_encoder == "whisper-tiny.en" else source.speech_encoder
         model.speech_encoder.load_state_dict(read_whisper_encoder_state(folder))
     return model, LyraProcessor.for_model(model_config, tokenizer)
+
+
+def with_fresh_vision(model: LyraForConditionalGeneration, preset: str) -> LyraForConditionalGeneration:
+    """A copy of `model` whose vision tower is freshly initialised with `preset`'s vision shape (the rest keeps
+    its weights): a larger tower for a model trained with a smaller one."""
+    from lyra.presets import build_config
+
+    vision = build_config(preset).backbone_config.vision_config
+    if vision.hidden_size != model.config.backbone_config.text_config.hidden_size:
+        raise ValueError(f"the preset's vision merger gives width {vision.hidden_size}, the model's LLM takes "
+                         f"{model.config.backbone_config.text_config.hidden_size}")
+    config = copy.deepcopy(model.config)
+    config.backbone_config.vision_config = copy.deepcopy(vision)
+    fresh = LyraForConditionalGeneration(config)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.model.visual.")}
+    missing, unexpected = fresh.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.startswith("backbone.model.visual.") for k in missing):
+        raise RuntimeError(f"rebuilding with a fresh vision tower lost weights: {missing} {unexpected}")
+    return fresh
 
 
 def _tokenizer_folder(name: str, output_dir: Path) -> Path:
@@ -197,6 +220,14 @@ def _tokenizer_folder(name: str, output_dir: Path) -> Path:
 # ---------------------------------------------------------------------- the run
 
 
+def last_checkpoint(output_dir: Path) -> str:
+    """The `checkpoint-N/` folder a resumed run continues from; a clear error when there is none."""
+    checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if checkpoint is None:
+        raise FileNotFoundError(f"--resume: {output_dir} holds no checkpoint-N folder; run without --resume first")
+    return checkpoint
+
+
 def _zero3() -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -209,13 +240,13 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
 
     With `resume` the run continues from the last `checkpoint-N/` in the output folder.
     """
+    if config.data.drawn_cells:
+        from lyra.training.tower import train_tower
+
+        return train_tower(config, resume=resume, progress=progress)
     spec = STAGES[config.stage]
     output_dir = Path(config.run.output_dir)
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-        if checkpoint is None:
-            raise FileNotFoundError(f"--resume: {output_dir} holds no checkpoint-N folder; run without --resume first")
+    checkpoint = last_checkpoint(output_dir) if resume else None
     output_dir.mkdir(parents=True, exist_ok=True)
     # Arguments first: under `accelerate launch` with DeepSpeed ZeRO-3 they make from_pretrained partition the
     # weights as it loads them.
