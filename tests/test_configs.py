@@ -72,18 +72,18 @@ def test_json_files_parse():
 
 
 def test_nano_stages_chain_into_each_other():
-    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "2", "3", "4"]  # the README's order
+    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "2", "3", "4"]  # README's order
     configs = [load_train_config(CONFIGS / "train" / f"nano_stage{name}.yaml") for name in names]
-    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 2, 3, 4]
+    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 2, 3, 4]
     assert configs[0].model.init_from is None and configs[0].model.tokenizer == "compact"
     for before, after in itertools.pairwise(configs):
         assert after.model.init_from == before.run.output_dir
-    assert configs[3].data.drawn_images > 0 and configs[4].data.drawn_images > 0 and configs[6].data.drawn_images > 0
+    assert all(configs[i].data.drawn_images > 0 for i in (3, 4, 6, 7))  # vision and mixed passes
     tower = configs[5]
     assert tower.model.reset_vision and tower.data.drawn_cells >= tower.optim.max_steps * tower.optim.batch_size
-    assert configs[7].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
-    assert configs[9].export.enabled and configs[9].export.max_megabytes == 25
-    assert configs[9].export.path == "lyra/checkpoints/nano"
+    assert configs[8].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
+    assert configs[10].export.enabled and configs[10].export.max_megabytes == 25
+    assert configs[10].export.path == "lyra/checkpoints/nano"
 
 
 BAD_TRAINING_YAML = [  # (YAML, what the error must say)
