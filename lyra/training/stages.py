@@ -11,7 +11,9 @@
 Stage 0 exists because no base weights can be installed here: the reference starts from a pretrained
 Qwen2-VL, the nano model from random weights. It may also read speech (ASR clips through the "speech"
 projector): a from-scratch LLM learns to read speech tokens far faster while all its weights move than
-through LoRA and the projector alone (docs/nano.md). The Whisper encoder is frozen in every stage.
+through LoRA and the projector alone (docs/nano.md). Its vision-tower pass (`data.drawn_cells`,
+`lyra.training.tower`) trains the vision tower alone, on per-cell labels of drawings, before the LLM reads it.
+The Whisper encoder is frozen in every stage.
 """
 
 from __future__ import annotations
