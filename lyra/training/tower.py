@@ -12,7 +12,6 @@ whole Lyra model with the trained tower.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import time
@@ -36,7 +35,7 @@ __all__ = ["DrawnCells", "TowerHeads", "cell_accuracy", "collate_cells", "train_
 log = logging.getLogger(__name__)
 
 HELD_OUT_SEED = "held-out"  # DrawnCells seed of the images the accuracy is measured on (never trained on)
-HELD_OUT_IMAGES = 256
+HELD_OUT_IMAGES = 256  # drawings the accuracy is measured on (about 2,000 covered cells)
 
 
 class DrawnCells(Dataset):
@@ -122,12 +121,12 @@ def train_tower(config: TrainConfig, *, resume: bool = False, progress: bool = T
     model and processor to `run.output_dir` (resumable from its `checkpoint-N/` folders with `resume`).
     `held_out` of the result: the heads' accuracy on cells of 256 drawings never trained on."""
     from lyra.training.trainer import (
-        SUMMARY_FILE,
         TRAIN_CONFIG_FILE,
         TrainResult,
         build_model,
         last_checkpoint,
         training_arguments,
+        write_summary,
     )
 
     output_dir = Path(config.run.output_dir)
@@ -155,8 +154,5 @@ def train_tower(config: TrainConfig, *, resume: bool = False, progress: bool = T
     result = TrainResult(output_dir=output_dir, stage=0, global_step=trainer.state.global_step, seconds=seconds,
                          trainable={"vision": trainable}, samples=len(dataset), held_out=accuracy,
                          log_history=list(trainer.state.log_history), model=model)
-    summary = {"output_dir": str(output_dir), "stage": 0, "name": config.name, "global_step": result.global_step,
-               "seconds": seconds, "trainable": result.trainable, "samples": len(dataset), "held_out": accuracy,
-               "log_history": result.log_history}
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_summary(result, config, args)
     return result

@@ -32,7 +32,7 @@ from lyra.training.data import TrainCollator, build_train_dataset, encoder_frame
 from lyra.training.stages import STAGES, StageSpec, prepare_stage
 
 __all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "train", "training_arguments",
-           "with_fresh_vision"]
+           "with_fresh_vision", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,17 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         result.export = asdict(exported)
     result.model = trainer.accelerator.unwrap_model(model)
     if trainer.is_world_process_zero():
-        summary = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
-        summary["output_dir"] = str(result.output_dir)
-        summary.update(name=config.name, device=str(args.device), world_size=args.world_size,
-                       torch=torch.__version__, threads=torch.get_num_threads(),
-                       omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        write_summary(result, config, args)
     return result
+
+
+def write_summary(result: TrainResult, config: TrainConfig, args: TrainingArguments) -> Path:
+    """`train_summary.json` in the run's output folder: the result (without the model) and where it ran."""
+    summary = {f.name: getattr(result, f.name) for f in fields(result) if f.name != "model"}
+    summary["output_dir"] = str(result.output_dir)
+    summary.update(name=config.name, device=str(args.device), world_size=args.world_size,
+                   torch=torch.__version__, threads=torch.get_num_threads(),
+                   omp_num_threads=os.environ.get("OMP_NUM_THREADS"))
+    path = Path(result.output_dir) / SUMMARY_FILE
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return path
