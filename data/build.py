@@ -25,6 +25,7 @@ blocks, each with its own seeds (Piper's ONNX noise included), so the output doe
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -82,6 +83,7 @@ class BuildConfig:
     lecture_engine: str = "piper"  # voice of the lectures: "piper" or "espeak"
     speechgen_train: int = 500  # spoken-answer samples
     speechgen_test: int = 50
+    speechgen_image_fraction: float = 0.5  # share of spoken answers to a spoken image question; the rest read aloud
     audio_format: str = "flac"  # "flac" or "wav" (16 kHz, 16-bit)
     use_piper: bool = True  # False: espeak-ng speaks everything and the Piper test conditions are left out
     workers: int = 1  # processes
@@ -92,8 +94,9 @@ class BuildConfig:
             raise ValueError(f"audio_format must be 'flac' or 'wav', got {self.audio_format!r}")
         if self.lecture_engine not in ("piper", "espeak"):
             raise ValueError(f"lecture_engine must be 'piper' or 'espeak', got {self.lecture_engine!r}")
-        if not 0.0 <= self.espeak_fraction <= 1.0:
-            raise ValueError(f"espeak_fraction must lie in [0, 1], got {self.espeak_fraction}")
+        for name in ("espeak_fraction", "speechgen_image_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
 PRESETS: dict[str, dict] = {
@@ -208,7 +211,8 @@ def plan(config: BuildConfig) -> list[Block]:
         items = []
         for i in range(n):
             item = {"id": f"speechgen-{split}-{i:06d}", "answer_voice": asdict(ANSWER_VOICE)}
-            if i % 2 == 0:
+            fraction = config.speechgen_image_fraction  # 0.5: every other one, starting with a sentence
+            if math.floor((i + 1) * fraction) == math.floor(i * fraction):
                 item.update(kind="say", text=pool[i].text)
             else:
                 item.update(kind="image", seed=_seed(config.seed, "speechgen-image", split, i),
@@ -474,6 +478,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--lecture-engine", type=click.Choice(["piper", "espeak"]), default=None, help="Voice of the lectures.")
 @click.option("--speechgen-train", type=int, default=None, help="Spoken-answer training samples.")
 @click.option("--speechgen-test", type=int, default=None, help="Spoken-answer test samples.")
+@click.option("--speechgen-image-fraction", type=float, default=None,
+              help="Share of spoken answers that answer a spoken image question (the rest read a sentence aloud).")
 @click.option("--espeak-fraction", type=float, default=None, help="Share of training speech spoken by espeak-ng.")
 @click.option("--audio-format", type=click.Choice(["flac", "wav"]), default=None, help="Audio file format.")
 @click.option("--no-piper", "use_piper", flag_value=False, default=None,

@@ -17,7 +17,7 @@ import numpy as np
 from lyra.data.corpus import number_words
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem",
+__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "DRAWN_KINDS", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem",
            "ImageQA", "cell_labels", "describe", "make_image_qa", "vocabulary_words"]
 
 IMAGE_SIZE = 224  # pixels per side: 8 x 8 = 64 image tokens after Qwen2-VL's 14-pixel patches and 2 x 2 merge
@@ -58,6 +58,7 @@ QUESTIONS = {
     "word_color": "What color is the word?",
 }
 DESCRIBE_QUESTION = "What is in the picture from the left?"  # answered by describe(items)
+DRAWN_KINDS = (*QUESTION_KINDS, "describe")  # what a question about a drawing can ask
 DESCRIBE_PARTS = {"shape": "{a} {color} {shape}", "word": "the word {word} in {color}", "join": " and "}
 ARTICLES = ("a", "an")  # the {a} of a shape: "an" before a colour that starts with a vowel
 ANSWERS = {

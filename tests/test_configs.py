@@ -72,18 +72,19 @@ def test_json_files_parse():
 
 
 def test_nano_stages_chain_into_each_other():
-    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "2", "3", "4"]  # README's order
+    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "0_drill", "2", "3", "4"]  # README's order
     configs = [load_train_config(CONFIGS / "train" / f"nano_stage{name}.yaml") for name in names]
-    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 2, 3, 4]
+    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 3, 4]
     assert configs[0].model.init_from is None and configs[0].model.tokenizer == "compact"
     for before, after in itertools.pairwise(configs):
         assert after.model.init_from == before.run.output_dir
-    assert all(configs[i].data.drawn_images > 0 for i in (3, 4, 6, 7))  # vision and mixed passes
+    assert all(configs[i].data.drawn_images > 0 for i in (3, 4, 6, 7, 8))  # vision and mixed passes
     tower = configs[5]
     assert tower.model.reset_vision and tower.data.drawn_cells >= tower.optim.max_steps * tower.optim.batch_size
-    assert configs[8].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
-    assert configs[10].export.enabled and configs[10].export.max_megabytes == 25
-    assert configs[10].export.path == "lyra/checkpoints/nano"
+    assert configs[8].data.drawn_kinds["color"] > configs[8].data.drawn_kinds["shape"]  # the drill pass
+    assert configs[9].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
+    assert configs[11].export.enabled and configs[11].export.max_megabytes == 25
+    assert configs[11].export.path == "lyra/checkpoints/nano"
 
 
 BAD_TRAINING_YAML = [  # (YAML, what the error must say)
@@ -92,6 +93,10 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
     ("stage: 2\ndata: {train: [{manifest: a.jsonl}]}\n", "init_from"),
     ("stage: 0\ndata: {train: [{manifest: a.jsonl, task: poetry}]}\n", "poetry"),
     ("stage: 0\ndata: {drawn_images: -4}\n", r"data.drawn_images .* 0 or more, got -4"),
+    ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: {colour: 1}}\n", r"unknown question kind\(s\) \['colour'\]"),
+    ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: {color: 0}}\n", "at least one is above 0"),
+    ("stage: 0\ndata: {text_needles: 10, drawn_kinds: {color: 1}}\n", "set data.drawn_images"),
+    ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: [color]}\n", "drawn_kinds: expected a mapping"),
     ("stage: 0\ndata: {drawn_cells: 100, text_needles: 4}\n", "drawn_cells is stage 0's vision-tower pass"),
     ("stage: 0\nmodel: {reset_vision: true}\ndata: {drawn_cells: 100}\n",
      "reset_vision replaces the vision tower of model.init_from"),

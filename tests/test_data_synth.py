@@ -290,6 +290,18 @@ def test_spoken_answers_are_in_the_vocoders_voice():
     assert not ANSWER_VOICE.variant and ANSWER_VOICE.pitch == 50  # espeak-ng's own, as the recipe speaks
 
 
+def test_speechgen_image_fraction_sets_the_share_of_image_answers():
+    def kinds(fraction):
+        settings = dict(PRESETS["tiny"], speechgen_train=8, speechgen_image_fraction=fraction)
+        blocks = plan(BuildConfig(out=Path("/nonexistent"), seed=0, **settings))
+        return [item["kind"] for b in blocks if b.manifest == "speech_gen/train" for item in b.items]
+
+    assert kinds(0.5) == ["say", "image"] * 4  # the default: every other one, as before the option
+    assert kinds(0.0) == ["say"] * 8 and kinds(1.0) == ["image"] * 8 and kinds(0.25).count("image") == 2
+    with pytest.raises(ValueError, match="speechgen_image_fraction must lie in"):
+        BuildConfig(out=Path("/nonexistent"), speechgen_image_fraction=1.5)
+
+
 def test_multi_sentence_clips_fit_one_window(tmp_path):
     settings = dict(PRESETS["tiny"], use_piper=False, asr_train=2, asr_train_long=3, block_size=8)
     build(BuildConfig(out=tmp_path, seed=3, **settings))

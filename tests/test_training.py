@@ -120,6 +120,26 @@ def test_drawn_image_records(tmp_path):
     assert [r.conversations for r in other] != [r.conversations for r in records]
 
 
+def test_drawn_image_records_drill_the_weighted_kinds(tmp_path):
+    from lyra.data.synth_images import DESCRIBE_QUESTION, IMAGE_COLORS, QUESTIONS
+
+    from lyra.training.data import drawn_image_records
+
+    default = drawn_image_records(40, tmp_path, seed=5)
+    drilled = drawn_image_records(40, tmp_path, seed=5, kinds={"color": 3, "describe": 1, "word": 0})
+    assert len(list(tmp_path.iterdir())) == 80  # drilled images never overwrite the default mixture's
+    questions = [r.conversations[0].value[8:] for r in drilled]
+    colour = QUESTIONS["color"].split("{")[0]
+    n_colour = sum(q.startswith(colour) for q in questions)
+    assert n_colour + questions.count(DESCRIBE_QUESTION) == 40 and 22 <= n_colour <= 38  # 3 : 1 odds, no words
+    for record in drilled:  # a colour question is answered by a colour
+        if record.conversations[0].value[8:].startswith(colour):
+            assert record.conversations[1].value in IMAGE_COLORS
+    again = drawn_image_records(40, tmp_path, seed=5, kinds={"color": 3, "describe": 1, "word": 0})
+    assert [r.conversations for r in again] == [r.conversations for r in drilled]
+    assert [r.conversations for r in drawn_image_records(40, tmp_path, seed=5)] == [r.conversations for r in default]
+
+
 def test_stage0_base_pass_trains_llm_vision_and_speech_projector(workspace):
     before = parameters(load_pretrained(workspace["base"]).model)  # the same seed builds the same fresh model
     result = run_stage(workspace, 0, "stage0")

@@ -71,6 +71,8 @@ class DataConfig:
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
+    drawn_kinds: dict[str, float] = field(default_factory=dict)  # drawn_images' question kinds -> weight ("describe"
+    # included); empty: every other image described, the rest one of the data builder's kinds at random
     drawn_cells: int = 0  # stage 0's vision-tower pass: drawings labelled per cell; trains the tower alone (tower.py)
     text_seed: int = 0  # seed of those conversations and images
     cache_speech: bool = True  # encode every clip once with the frozen speech encoder and keep its frames in RAM
@@ -157,6 +159,7 @@ class TrainConfig:
                                       or self.data.text_needles or self.data.drawn_images):
             raise TrainConfigError("data.drawn_cells is stage 0's vision-tower pass and trains on nothing else: use "
                                    "stage: 0 and leave data.train, text_corpus, text_needles and drawn_images empty")
+        _check_drawn_kinds(self.data)
         if self.model.reset_vision and self.model.init_from is None:
             raise TrainConfigError("model.reset_vision replaces the vision tower of model.init_from; a fresh build "
                                    "(no init_from) has a fresh tower already")
@@ -183,6 +186,22 @@ class TrainConfig:
                 raise TrainConfigError(f"unknown config field {key!r}")
             target[leaf] = value
         return build(TrainConfig, data, "overrides")
+
+
+def _check_drawn_kinds(data: DataConfig) -> None:
+    if not data.drawn_kinds:
+        return
+    from lyra.data.synth_images import DRAWN_KINDS
+
+    unknown = sorted(set(data.drawn_kinds) - set(DRAWN_KINDS))
+    if unknown:
+        raise TrainConfigError(f"data.drawn_kinds: unknown question kind(s) {unknown}; choose from {list(DRAWN_KINDS)}")
+    if any(w < 0 for w in data.drawn_kinds.values()) or not sum(data.drawn_kinds.values()) > 0:
+        raise TrainConfigError(f"data.drawn_kinds: weights are 0 or more and at least one is above 0, got "
+                               f"{data.drawn_kinds}")
+    if not data.drawn_images:
+        raise TrainConfigError("data.drawn_kinds weights the questions of data.drawn_images: set data.drawn_images "
+                               "to the number of drawn images (or drop drawn_kinds)")
 
 
 def load_train_config(path: str | Path, **overrides) -> TrainConfig:
@@ -231,6 +250,10 @@ def _convert(hint, value, where: str):
             return None
         inner = [a for a in args if a is not type(None)]
         return _convert(inner[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TrainConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         items = value if isinstance(value, (list, tuple)) else [value]
         return tuple(_convert(args[0], v, where) for v in items)

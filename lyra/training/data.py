@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -112,7 +112,8 @@ def needle_records(n: int, seed: int = 0) -> list[Record]:
     return records
 
 
-def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = False) -> list[Record]:
+def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = False,
+                        kinds: Mapping[str, float] | None = None) -> list[Record]:
     """`n` typed questions about freshly drawn images (lyra.data.synth_images): every other one asks for
     everything drawn, from the left (`describe`), the rest ask the data builder's questions.
 
@@ -120,23 +121,35 @@ def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = Fa
     set (drawing one costs milliseconds, speaking its question a second), and a description teaches it every
     colour, shape and word of the drawing where a one-word answer teaches one. Each image follows from its
     own seed and is written once under `folder` (atomically), so later runs reuse it.
+
+    `kinds` (question kind -> weight, "describe" included; `synth_images.DRAWN_KINDS`) draws each question's
+    kind at those odds instead, to drill the kinds a model still gets wrong; its images carry the kind in
+    their name, so they never collide with the default mixture's.
     """
     import random
 
     from lyra.data.synth_images import DESCRIBE_QUESTION, describe, make_image_qa
 
     folder.mkdir(parents=True, exist_ok=True)
+    names, weights = (list(kinds), list(kinds.values())) if kinds else ((), ())
     records = []
     bar = _bar(n, "drawing images", progress)
     for i in range(n):
-        qa = make_image_qa(random.Random(f"drawn-image-{seed}-{i}"))
-        path = folder / f"drawn-{seed}-{i:06d}.png"
+        if kinds:
+            kind = random.Random(f"drawn-kind-{seed}-{i}").choices(names, weights)[0]
+            rng = random.Random(f"drawn-image-{seed}-{kind}-{i}")
+            qa = make_image_qa(rng, None if kind == "describe" else kind)
+            stem, described = f"drawn-{seed}-{kind}-{i:06d}", kind == "describe"
+        else:
+            qa = make_image_qa(random.Random(f"drawn-image-{seed}-{i}"))
+            stem, described = f"drawn-{seed}-{i:06d}", i % 2 == 0
+        path = folder / f"{stem}.png"
         if not path.is_file():
             partial = path.with_suffix(".partial.png")
             qa.image.save(partial)
             os.replace(partial, path)
-        question, answer = (DESCRIBE_QUESTION, describe(qa.items)) if i % 2 == 0 else (qa.question, qa.answer)
-        records.append(Record(id=path.stem, images=(str(path.resolve()),), conversations=(
+        question, answer = (DESCRIBE_QUESTION, describe(qa.items)) if described else (qa.question, qa.answer)
+        records.append(Record(id=stem, images=(str(path.resolve()),), conversations=(
             Turn(HUMAN, f"{IMAGE_PLACEHOLDER}\n{question}"), Turn(GPT, answer))))
         bar.update(1)
     bar.close()
@@ -219,7 +232,8 @@ def build_train_dataset(
         parts.append(ConversationDataset(needle_records(config.text_needles, config.text_seed), processor))
     if config.drawn_images:
         folder = Path(config.root) / DRAWN_IMAGES_DIR / str(config.text_seed)
-        records = drawn_image_records(config.drawn_images, folder, config.text_seed, progress=progress)
+        records = drawn_image_records(config.drawn_images, folder, config.text_seed, progress=progress,
+                                      kinds=config.drawn_kinds)
         parts.append(ImageQADataset(records, processor, skip_broken=config.skip_broken))
     if config.cache_speech and model is not None:
         cache_dir = None
