@@ -18,8 +18,11 @@ from PIL import Image
 from lyra.audio import AudioArray
 from lyra.constants import IMAGE_PLACEHOLDER, SAMPLE_RATE, SPEECH_PLACEHOLDER
 
-QUESTION = "What color is the circle?"  # a question form the nano model was trained on (lyra.data.synth_images)
-EXPECTED = "red"
+# A question kind the nano model answers from speech (15/15 held out, docs/nano.md); it does not yet answer the
+# colour of a named shape ("What color is the circle?"), whose lookup by shape it has not learned.
+QUESTION = "What color is the word?"
+EXPECTED = "green"
+SCENE = "the word lamp in green, a red circle and a blue square"
 
 
 @dataclass
@@ -39,10 +42,11 @@ class DemoReport:
 
 
 def demo_image() -> Image.Image:
-    """A red circle and a blue square, drawn like the nano model's training images (224 x 224)."""
+    """The `SCENE`, drawn like the nano model's training images (224 x 224)."""
     from lyra.data.synth_images import DrawnItem, draw
 
-    return draw([DrawnItem("circle", "red", 62, 112, 34), DrawnItem("square", "blue", 162, 112, 30)])
+    return draw([DrawnItem("word", "green", 112, 70, 36, "lamp"), DrawnItem("circle", "red", 60, 160, 28),
+                 DrawnItem("square", "blue", 165, 160, 26)])
 
 
 def spoken_question(text: str = QUESTION) -> tuple[AudioArray, str]:
@@ -82,7 +86,7 @@ def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO 
     ids = inputs["input_ids"]
     image_tokens = int((ids == processor.image_token_id).sum())
     speech_tokens = int((ids == processor.speech_token_id).sum())
-    print(f"question: {QUESTION!r} spoken by {audio_kind} about a red circle and a blue square; "
+    print(f"question: {QUESTION!r} spoken by {audio_kind} about {SCENE}; "
           f"{image_tokens} image tokens, {speech_tokens} speech tokens", file=err)
 
     tokens: list[int] = []
