@@ -209,9 +209,9 @@ def plan(config: BuildConfig) -> list[Block]:
         pool = SentenceGenerator(_seed(config.seed, "speechgen", split)).generate(
             n, split, exclude={s.text for s in test})
         items = []
+        fraction = config.speechgen_image_fraction  # 0.5: every other one, starting with a sentence
         for i in range(n):
             item = {"id": f"speechgen-{split}-{i:06d}", "answer_voice": asdict(ANSWER_VOICE)}
-            fraction = config.speechgen_image_fraction  # 0.5: every other one, starting with a sentence
             if math.floor((i + 1) * fraction) == math.floor(i * fraction):
                 item.update(kind="say", text=pool[i].text)
             else:

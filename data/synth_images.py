@@ -17,8 +17,8 @@ import numpy as np
 from lyra.data.corpus import number_words
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "DRAWN_KINDS", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES", "DrawnItem",
-           "ImageQA", "cell_labels", "describe", "make_image_qa", "vocabulary_words"]
+__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "DRAWN_KINDS", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES",
+           "DrawnItem", "ImageQA", "cell_labels", "describe", "make_image_qa", "vocabulary_words"]
 
 IMAGE_SIZE = 224  # pixels per side: 8 x 8 = 64 image tokens after Qwen2-VL's 14-pixel patches and 2 x 2 merge
 SHAPES = (

@@ -72,7 +72,8 @@ def test_json_files_parse():
 
 
 def test_nano_stages_chain_into_each_other():
-    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "0_drill", "2", "3", "4"]  # README's order
+    # README's order
+    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "0_drill", "2", "3", "4"]
     configs = [load_train_config(CONFIGS / "train" / f"nano_stage{name}.yaml") for name in names]
     assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 3, 4]
     assert configs[0].model.init_from is None and configs[0].model.tokenizer == "compact"
