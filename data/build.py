@@ -494,7 +494,10 @@ def main(out: Path, seed: int, preset: str, workers: int, **overrides) -> None:
         if overrides.get(key) is not None:
             overrides[key] = _floats(overrides[key])
     settings.update({k: v for k, v in overrides.items() if v is not None})
-    config = BuildConfig(out=out, seed=seed, workers=workers, **settings)
+    try:
+        config = BuildConfig(out=out, seed=seed, workers=workers, **settings)
+    except ValueError as exc:  # a setting out of range: name it instead of a traceback
+        raise click.UsageError(str(exc)) from None
     bar = tqdm(total=None, unit="item", desc="building")
 
     def progress(done: int, total: int) -> None:

@@ -300,6 +300,8 @@ def test_speechgen_image_fraction_sets_the_share_of_image_answers():
     assert kinds(0.0) == ["say"] * 8 and kinds(1.0) == ["image"] * 8 and kinds(0.25).count("image") == 2
     with pytest.raises(ValueError, match="speechgen_image_fraction must lie in"):
         BuildConfig(out=Path("/nonexistent"), speechgen_image_fraction=1.5)
+    result = CliRunner().invoke(main, ["--out", "/nonexistent", "--speechgen-image-fraction", "2"])
+    assert result.exit_code == 2 and "speechgen_image_fraction must lie in [0, 1], got 2.0" in result.output
 
 
 def test_multi_sentence_clips_fit_one_window(tmp_path):
