@@ -309,8 +309,8 @@ def _lecture(item, root: Path, split: str, voices: Voices, config: BuildConfig) 
         for k, placed in enumerate(order):
             turns.append({"from": "human", "value": ("<speech>\n" if k == 0 else "") + placed.needle.question})
             turns.append({"from": "gpt", "value": placed.needle.answer})
-        needles = [{"question": p.needle.question, "answer": p.needle.answer, "depth": p.depth, "time": p.start}
-                   for p in lecture.needles]
+        needles = [{"question": p.needle.question, "answer": p.needle.answer, "fact": p.needle.fact, "depth": p.depth,
+                    "time": p.start} for p in lecture.needles]
         return [{"id": item["id"], **common, "conversations": turns, "needles": needles}]
     return [{"id": f"{item['id']}-q{k}", **common,
              "conversations": [{"from": "human", "value": f"<speech>\n{p.needle.question}"},

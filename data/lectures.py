@@ -52,6 +52,7 @@ NEEDLE_TEMPLATES = (
     ("{person} keeps exactly {count} {objs} in the {room}.", "How many {objs} does {person} keep in the {room}?",
      "{count}"),
 )
+LEAD_INS = ("Remember that ", "Please note that ")  # how some facts open; not part of the fact itself
 INTRO = "Welcome back everyone. Today the lecture is about {topic}."
 PAUSE_SECONDS = (0.25, 0.7)  # silence between sentences, drawn uniformly
 
@@ -64,6 +65,20 @@ class Needle:
     question: str
     answer: str  # short answer, words of the fact
     template: int  # index into NEEDLE_TEMPLATES
+
+    @property
+    def sentence(self) -> str:
+        """The fact as a whole-sentence answer: "The blue kettle is hidden in the attic." (no lead-in)."""
+        return fact_sentence(self.fact)
+
+
+def fact_sentence(fact: str) -> str:
+    """A needle fact without its lead-in ("Remember that ..."), capitalised: the answer that says it whole."""
+    for lead in LEAD_INS:
+        if fact.startswith(lead):
+            fact = fact[len(lead):]
+            return fact[0].upper() + fact[1:]
+    return fact
 
 
 @dataclass(frozen=True)

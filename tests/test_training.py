@@ -5,6 +5,7 @@ resuming from a Trainer checkpoint equals an uninterrupted run, and the export/e
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,28 @@ def test_written_needle_questions():
         assert any(question.startswith(q) for q in questions) and gpt.value in passage
         facts = [s for s in passage.split(". ") if any(t[0].split("{")[0] in s for t in NEEDLE_TEMPLATES)]
         assert 1 <= len(facts) and all(split_of(f.rstrip(".") + ".") == "train" for f in facts)
+
+
+def test_written_needle_drill_asks_every_fact_in_turn():
+    from lyra.training.data import needle_records
+
+    records = needle_records(30, seed=2, facts=(7, 8), questions=8)
+    assert records[0].conversations != needle_records(30, seed=3, facts=(7, 8), questions=8)[0].conversations
+    for r in records:
+        passage = r.conversations[0].value.rsplit("\n", 1)[0]
+        questions = [t.value.rsplit("\n", 1)[-1] for t in r.conversations[0::2]]
+        answers = [t.value for t in r.conversations[1::2]]
+        assert 7 <= len(questions) == len(answers) <= 8 and len(set(questions)) == len(questions)
+        assert all(answer in passage for answer in answers)
+        assert "\n" not in "".join(t.value for t in r.conversations[2::2])  # the passage is written once
+    assert {len(r.conversations) for r in records} == {14, 16}
+    assert all(len(r.conversations) == 4 for r in needle_records(10, seed=2, facts=(2, 2), questions=8))
+    said = needle_records(30, seed=2, facts=(7, 8), questions=8, answers="sentence")
+    assert [r.conversations[0::2] for r in said] == [r.conversations[0::2] for r in records]  # same passages
+    for r, short in zip(said, records):
+        passage = r.conversations[0].value.rsplit("\n", 1)[0]
+        for answer, word in zip(r.conversations[1::2], short.conversations[1::2]):
+            assert f" {word.value} " in f" {answer.value[:-1]} " and answer.value[1:] in passage
 
 
 def test_drawn_image_records(tmp_path):
@@ -355,6 +378,61 @@ def test_correct_by_kind_needs_every_kind():
     got = correct_by_kind(records, ["two", "red", "six"], ["two", "blue", "three"])
     assert got == {"count_all": "1/2", "shape_color": "0/1"}
     assert correct_by_kind(records + [record(3)], ["two", "red", "six", "x"], ["two", "blue", "three", "x"]) == {}
+
+
+def test_an_answer_counts_short_or_said_whole():
+    from lyra.data.lectures import make_needles
+    from lyra.data.manifest import GPT, HUMAN, Record, Turn
+    from lyra.data.metrics import accuracy
+
+    from lyra.training.evaluate import accepted_answers, correct_by_kind
+
+    def record(answer, **extra):
+        return Record(id="r", conversations=(Turn(HUMAN, "q"), Turn(GPT, answer)), extra=extra)
+
+    image = record("red", kind="color", answer_sentence="The circle is red.")
+    needle = record("attic", needle_fact="Remember that the blue kettle is hidden in the attic.")
+    assert accepted_answers(image) == ["red", "The circle is red."]
+    assert accepted_answers(needle) == ["attic", "The blue kettle is hidden in the attic."]
+    assert accepted_answers(record("two")) == ["two"]
+    predictions = ["the circle is red", "The square is red.", "Red.", "The blue kettle is hidden in the attic.",
+                   "The red kettle is hidden in the attic.", "attic or garden"]
+    golds = [accepted_answers(image)] * 3 + [accepted_answers(needle)] * 3
+    assert [accuracy([p], [g]).correct for p, g in zip(predictions, golds)] == [1, 0, 1, 1, 0, 0]
+    assert correct_by_kind([image, image], ["The circle is red.", "blue"], [accepted_answers(image)] * 2) == {
+        "color": "1/2"}
+    for needle in make_needles(random.Random(0), 12, "train"):  # every template, lead-in or not
+        assert needle.sentence[0].isupper() and needle.sentence.endswith(".") and needle.answer in needle.sentence
+        assert needle.sentence in needle.fact or needle.sentence[1:] in needle.fact
+        assert not needle.sentence.startswith(("Remember", "Please"))
+
+
+def test_a_source_answered_with_whole_sentences(tmp_path):
+    from lyra.data.datasets import BrokenSampleError
+    from lyra.data.manifest import read_manifest, write_manifest
+
+    from lyra.training.config import DataConfig, DataSource
+    from lyra.training.data import _read_source
+
+    fact = {"Where was Anna Berg born?": "Please note that Anna Berg was born in Oslo.",
+            "In which room is the red drum hidden?": "Remember that the red drum is hidden in the attic."}
+    lecture = {"id": "l", "long_speech": "a.flac", "conversations": [
+        {"from": "human", "value": "<speech>\nIn which room is the red drum hidden?"}, {"from": "gpt", "value": "attic"},
+        {"from": "human", "value": "Where was Anna Berg born?"}, {"from": "gpt", "value": "Oslo"}],
+        "needles": [{"question": q, "answer": "x", "fact": f} for q, f in fact.items()]}
+    image = {"id": "i", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat color is the star?"},
+             {"from": "gpt", "value": "red"}], "answer_sentence": "The star is red."}
+    write_manifest(tmp_path / "m.jsonl", [lecture, image])
+    config = DataConfig(root=str(tmp_path))
+    said = _read_source(config, DataSource("m.jsonl", answers="sentence"))
+    assert [r.answers for r in said] == [["The red drum is hidden in the attic.", "Anna Berg was born in Oslo."],
+                                         ["The star is red."]]
+    assert [r.conversations[0::2] for r in said] == [r.conversations[0::2] for r in read_manifest(tmp_path / "m.jsonl")]
+    assert [r.answers for r in _read_source(config, DataSource("m.jsonl"))] == [["attic", "Oslo"], ["red"]]
+    del lecture["needles"][1]["fact"]  # a manifest built before the builder wrote facts
+    write_manifest(tmp_path / "m.jsonl", [lecture])
+    with pytest.raises(BrokenSampleError, match="the answer 'attic' has none.*rebuild the manifest"):
+        _read_source(config, DataSource("m.jsonl", answers="sentence"))
 
 
 def test_spoken_answer_reads_the_training_positions(workspace):

@@ -34,6 +34,8 @@ __all__ = [
 # Dataset kinds a manifest can be read as (lyra.data.datasets): what each record must hold.
 TASKS = ("asr", "image_qa", "long_speech_qa", "speech_generation", "conversation")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+NEEDLE_ANSWERS = ("word", "sentence")  # how written needle questions are answered
+SOURCE_ANSWERS = ("short", "sentence")  # how a manifest's questions are answered (DataSource.answers)
 
 
 class TrainConfigError(ValueError):
@@ -60,6 +62,7 @@ class DataSource:
     task: str = "conversation"  # one of TASKS: how records are checked and read
     max_samples: int | None = None  # use only the first this many records (smoke runs); None: all
     repeat: int = 1  # times the manifest is repeated in the mixture (up-weighting a small set)
+    answers: str = "short"  # "short": as written; "sentence": each answer said whole (data.whole_answers)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class DataConfig:
     train: tuple[DataSource, ...] = ()  # manifests of the mixture
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
+    needle_facts: tuple[int, ...] = (1, 3)  # facts per written needle passage: lowest, highest (6 templates)
+    needle_questions: int = 1  # facts of a passage asked, one per turn (at most the passage's facts)
+    needle_answers: str = "word"  # "word": the short answer ("attic"); "sentence": the fact said whole
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
     drawn_kinds: dict[str, float] = field(default_factory=dict)  # drawn_images' question kinds -> weight ("describe"
     # included); empty: every other image described, the rest one of the data builder's kinds at random
@@ -142,6 +148,9 @@ class TrainConfig:
         for source in self.data.train:
             if source.task not in TASKS:
                 raise TrainConfigError(f"data.train: task {source.task!r} of {source.manifest} is not one of {TASKS}")
+            if source.answers not in SOURCE_ANSWERS:
+                raise TrainConfigError(f"data.train: answers {source.answers!r} of {source.manifest} is not one of "
+                                       f"{SOURCE_ANSWERS}")
         if self.run.precision not in PRECISIONS:
             raise TrainConfigError(f"run.precision must be one of {PRECISIONS}, got {self.run.precision!r}")
         if self.model.init_from is None and self.stage != 0:
@@ -159,6 +168,7 @@ class TrainConfig:
                                       or self.data.text_needles or self.data.drawn_images):
             raise TrainConfigError("data.drawn_cells is stage 0's vision-tower pass and trains on nothing else: use "
                                    "stage: 0 and leave data.train, text_corpus, text_needles and drawn_images empty")
+        _check_needles(self.data)
         _check_drawn_kinds(self.data)
         if self.model.reset_vision and self.model.init_from is None:
             raise TrainConfigError("model.reset_vision replaces the vision tower of model.init_from; a fresh build "
@@ -186,6 +196,18 @@ class TrainConfig:
                 raise TrainConfigError(f"unknown config field {key!r}")
             target[leaf] = value
         return build(TrainConfig, data, "overrides")
+
+
+def _check_needles(data: DataConfig) -> None:
+    lowest, highest = (data.needle_facts + (0, 0))[:2]
+    if len(data.needle_facts) != 2 or not 1 <= lowest <= highest:
+        raise TrainConfigError(f"data.needle_facts is [lowest, highest] facts per written passage, 1 <= lowest <= "
+                               f"highest, got {list(data.needle_facts)}")
+    if data.needle_answers not in NEEDLE_ANSWERS:
+        raise TrainConfigError(f"data.needle_answers must be one of {NEEDLE_ANSWERS}, got {data.needle_answers!r}")
+    if data.needle_questions < 1:
+        raise TrainConfigError(f"data.needle_questions is the number of facts asked per passage: 1 or more, got "
+                               f"{data.needle_questions}")
 
 
 def _check_drawn_kinds(data: DataConfig) -> None:

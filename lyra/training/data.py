@@ -86,12 +86,19 @@ def text_records(n: int, seed: int = 0) -> list[Record]:
     return records
 
 
-def needle_records(n: int, seed: int = 0) -> list[Record]:
-    """`n` written needle questions: a passage of corpus sentences with one to three unique facts (the lecture
+def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, questions: int = 1,
+                   answers: str = "word") -> list[Record]:
+    """`n` written needle passages: corpus sentences with `facts` (lowest, highest) unique facts (the lecture
     needles of lyra.data.lectures) at random places, then a question about one fact -> its short answer.
 
     The skill long-speech QA needs (find the one fact a question asks about, copy its answer) learned on text,
     where contexts are cheap; stage 3 then carries it over to speech. Training-split sentences and facts only.
+    `questions` > 1 asks up to that many of a passage's facts, one per turn: every turn is a lookup, where one
+    question per passage leaves the rest of it unused. Past six facts a question template repeats, so only the
+    person, object or place it names tells the facts apart, as in a lecture with ten needles.
+    `answers="sentence"` answers with the fact said whole ("The secret number of Anna Berg is four one two."):
+    once the model can copy from its context, saying the fact makes the lookup a copy of what follows the
+    words it has just repeated from the question (docs/nano.md, run 5).
     """
     import random
 
@@ -102,13 +109,16 @@ def needle_records(n: int, seed: int = 0) -> list[Record]:
     background = SentenceGenerator(seed + 1).stream("train")
     records = []
     for i in range(n):
-        needles = make_needles(rng, rng.randint(*NEEDLE_FACTS), "train")
+        needles = make_needles(rng, rng.randint(*facts), "train")
         sentences = [next(background).text for _ in range(rng.randint(*NEEDLE_PASSAGE))]
         for needle in needles:
             sentences.insert(rng.randint(0, len(sentences)), needle.fact)
-        asked = rng.choice(needles)
-        records.append(Record(id=f"needle-{seed}-{i:06d}", conversations=(
-            Turn(HUMAN, " ".join(sentences) + "\n" + asked.question), Turn(GPT, asked.answer))))
+        asked = [rng.choice(needles)] if questions == 1 else rng.sample(needles, min(questions, len(needles)))
+        said = [needle.sentence if answers == "sentence" else needle.answer for needle in asked]
+        turns = [Turn(HUMAN, " ".join(sentences) + "\n" + asked[0].question), Turn(GPT, said[0])]
+        for needle, answer in zip(asked[1:], said[1:]):
+            turns += [Turn(HUMAN, needle.question), Turn(GPT, answer)]
+        records.append(Record(id=f"needle-{seed}-{i:06d}", conversations=tuple(turns)))
     return records
 
 
@@ -197,7 +207,45 @@ def _read_source(config: DataConfig, source) -> list[Record]:
     records = read_manifest(path)
     if source.max_samples is not None:
         records = records[: source.max_samples]
+    if source.answers == "sentence":
+        records = [with_whole_answers(r) for r in records]
     return records * max(source.repeat, 1)
+
+
+def whole_answers(record: Record) -> list[str | None]:
+    """Each answer of `record` said whole, where the data has it (None where not): an image question's
+    `answer_sentence` ("The circle is red."); a needle question's fact without its lead-in ("The blue kettle is
+    hidden in the attic."), from `needle_fact` (a test question) or the fact of its entry in `needles` (a
+    training lecture, matched by question)."""
+    from lyra.data.lectures import fact_sentence
+
+    facts = {n["question"]: fact_sentence(n["fact"]) for n in record.extra.get("needles", ()) if n.get("fact")}
+    single = record.extra.get("answer_sentence") or (
+        fact_sentence(record.extra["needle_fact"]) if record.extra.get("needle_fact") else None)
+    turns = record.conversations
+    out = []
+    for k, turn in enumerate(turns):
+        if turn.speaker == GPT:
+            question = turns[k - 1].value.rsplit("\n", 1)[-1].strip() if k else ""
+            out.append(facts.get(question, single if len(record.answers) == 1 else None))
+    return out
+
+
+def with_whole_answers(record: Record) -> Record:
+    """`record` with every answer said whole (`whole_answers`); a clear error where the data lacks one."""
+    whole = iter(whole_answers(record))
+    turns = []
+    for turn in record.conversations:
+        if turn.speaker == GPT:
+            said = next(whole)
+            if said is None:
+                raise BrokenSampleError(
+                    f"{record.where}: answers: sentence needs each answer said whole, and the answer {turn.value!r} "
+                    "has none (image questions: 'answer_sentence'; lectures: 'needle_fact', or 'fact' in 'needles', "
+                    "written by the data builder since run 5: rebuild the manifest)")
+            turn = Turn(GPT, said)
+        turns.append(turn)
+    return replace(record, conversations=tuple(turns))
 
 
 # ---------------------------------------------------------------------- datasets
@@ -229,7 +277,9 @@ def build_train_dataset(
     if config.text_corpus:
         parts.append(ConversationDataset(text_records(config.text_corpus, config.text_seed), processor))
     if config.text_needles:
-        parts.append(ConversationDataset(needle_records(config.text_needles, config.text_seed), processor))
+        needles = needle_records(config.text_needles, config.text_seed, config.needle_facts, config.needle_questions,
+                                 config.needle_answers)
+        parts.append(ConversationDataset(needles, processor))
     if config.drawn_images:
         folder = Path(config.root) / DRAWN_IMAGES_DIR / str(config.text_seed)
         records = drawn_image_records(config.drawn_images, folder, config.text_seed, progress=progress,

@@ -6,10 +6,13 @@
 | task | manifest(s) | metric |
 |---|---|---|
 | asr | asr/test_*.jsonl | word error rate, normalised as the reference does (lyra.data.metrics.wer) |
-| image_qa | image_qa/test.jsonl (spoken question), image_qa/test_typed.jsonl | short-answer accuracy |
+| image_qa | image_qa/test.jsonl (spoken question), image_qa/test_typed.jsonl | accuracy |
 | needle | lectures/test.jsonl | accuracy per lecture length, extractor off and keep_rate 1 / 0.5 / 0.25, with prefill time |
 | spoken_answer | speech_gen/test.jsonl | WER of Whisper tiny.en's transcript of the spoken answer against its own text |
 
+An answer counts when, normalised, it is the short answer ("attic") or the whole-sentence answer the data holds
+(an image question's `answer_sentence`; a needle's fact without its lead-in, "The blue kettle is hidden in the
+attic."): a model may answer either way, and neither a list of guesses nor a sentence with a wrong slot passes.
 Greedy decoding throughout. Lectures go through the engine's `LectureSession` exactly as `lyra ask --context`
 does (windows encoded and prefilled as they are read), so the prefill time is the engine's.
 """
@@ -172,15 +175,26 @@ def evaluate_image_qa(model, processor, manifest: Path, settings: EvalSettings, 
         return
     predictions = generate_answers(model, processor, records, batch_size=settings.batch_size,
                                    max_new_tokens=settings.max_new_tokens)
-    references = [r.answers[-1] for r in records]
-    score = accuracy(predictions, references)
+    accepted = [accepted_answers(r) for r in records]
+    score = accuracy(predictions, accepted)
     spoken = "question spoken" if any(r.speech for r in records) else "question typed"
-    details = {"input": spoken, "by_kind": correct_by_kind(records, predictions, references)}
+    details = {"input": spoken, "by_kind": correct_by_kind(records, predictions, accepted)}
     report.rows.append(EvalRow("image_qa", name, "accuracy", score.accuracy, score.total, details))
-    report.examples[name] = _examples(records, references, predictions)
+    report.examples[name] = _examples(records, [r.answers[-1] for r in records], predictions)
 
 
-def correct_by_kind(records: Sequence[Record], predictions: Sequence[str], references: Sequence[str]) -> dict[str, str]:
+def accepted_answers(record: Record) -> list[str]:
+    """The answers that count for a question: its short answer and, where the data has one, the whole sentence
+    (`lyra.training.data.whole_answers`: an image question's `answer_sentence`, a needle's fact without its
+    lead-in)."""
+    from lyra.training.data import whole_answers
+
+    whole = whole_answers(record)[-1]
+    return [record.answers[-1]] + ([whole] if whole else [])
+
+
+def correct_by_kind(records: Sequence[Record], predictions: Sequence[str],
+                    references: Sequence[str | Sequence[str]]) -> dict[str, str]:
     """"correct/total" per question kind (the data builder's `kind` field: "count_all", "word_color", ...),
     kinds in first-seen order; empty when a record has no kind."""
     kinds = [r.extra.get("kind") for r in records]
@@ -232,7 +246,7 @@ def evaluate_needles(model, processor, manifest: Path, settings: EvalSettings, r
                 for r in questions:
                     question = r.conversations[0].value.replace("<speech>", "").strip()
                     prediction = session.answer(question, max_new_tokens=settings.max_new_tokens).strip()
-                    cell["correct"] += answer_matches(prediction, r.answers[-1])
+                    cell["correct"] += answer_matches(prediction, accepted_answers(r))
                     cell["total"] += 1
                     if label == "off" and len(examples) < EXAMPLES_PER_SET:
                         examples.append({"id": r.id, "reference": r.answers[-1], "prediction": prediction})
