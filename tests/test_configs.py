@@ -73,9 +73,10 @@ def test_json_files_parse():
 
 def test_nano_stages_chain_into_each_other():
     # README's order
-    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "0_drill", "2", "3", "4"]
+    names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "0_drill", "0_copy", "0_recall",
+             "2", "3", "4"]
     configs = [load_train_config(CONFIGS / "train" / f"nano_stage{name}.yaml") for name in names]
-    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 2, 3, 4]
+    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 4]
     assert configs[0].model.init_from is None and configs[0].model.tokenizer == "compact"
     for before, after in itertools.pairwise(configs):
         assert after.model.init_from == before.run.output_dir
@@ -83,9 +84,13 @@ def test_nano_stages_chain_into_each_other():
     tower = configs[5]
     assert tower.model.reset_vision and tower.data.drawn_cells >= tower.optim.max_steps * tower.optim.batch_size
     assert configs[8].data.drawn_kinds["color"] > configs[8].data.drawn_kinds["shape"]  # the drill pass
-    assert configs[9].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
-    assert configs[11].export.enabled and configs[11].export.max_megabytes == 25
-    assert configs[11].export.path == "lyra/checkpoints/nano"
+    copy, recall = configs[9], configs[10]
+    assert copy.data.text_corpus and not (copy.data.train or copy.data.drawn_images)  # text only: it learns to copy
+    assert recall.data.needle_answers == "sentence" and recall.data.needle_questions > 1 and recall.data.text_corpus
+    assert configs[11].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
+    assert [s.answers for s in configs[12].data.train] == ["sentence"]  # lecture needles answered whole
+    assert configs[13].export.enabled and configs[13].export.max_megabytes == 25
+    assert configs[13].export.path == "lyra/checkpoints/nano"
 
 
 BAD_TRAINING_YAML = [  # (YAML, what the error must say)
