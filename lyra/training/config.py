@@ -62,7 +62,7 @@ class DataSource:
     task: str = "conversation"  # one of TASKS: how records are checked and read
     max_samples: int | None = None  # use only the first this many records (smoke runs); None: all
     repeat: int = 1  # times the manifest is repeated in the mixture (up-weighting a small set)
-    answers: str = "short"  # "short": as written; "sentence": each answer said whole (data.whole_answers)
+    answers: str = "short"  # "short": as written; "sentence": each said whole (training.data.whole_answers)
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ def text_records(n: int, seed: int = 0) -> list[Record]:
 def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, questions: int = 1,
                    answers: str = "word") -> list[Record]:
     """`n` written needle passages: corpus sentences with `facts` (lowest, highest) unique facts (the lecture
-    needles of lyra.data.lectures) at random places, then a question about one fact -> its short answer.
+    needles of lyra.data.lectures) at random places, then a question about one of them -> its short answer.
 
     The skill long-speech QA needs (find the one fact a question asks about, copy its answer) learned on text,
     where contexts are cheap; stage 3 then carries it over to speech. Training-split sentences and facts only.
@@ -242,7 +242,7 @@ def with_whole_answers(record: Record) -> Record:
                 raise BrokenSampleError(
                     f"{record.where}: answers: sentence needs each answer said whole, and the answer {turn.value!r} "
                     "has none (image questions: 'answer_sentence'; lectures: 'needle_fact', or 'fact' in 'needles', "
-                    "written by the data builder since run 5: rebuild the manifest)")
+                    "which python -m lyra.data.build writes: rebuild the manifest)")
             turn = Turn(GPT, said)
         turns.append(turn)
     return replace(record, conversations=tuple(turns))
