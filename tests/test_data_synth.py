@@ -262,6 +262,8 @@ def test_build_is_reproducible_disjoint_and_independent_of_workers(tmp_path):
         assert r.image_paths()[0].is_file() and r.speech_paths()[0].is_file()
     lectures_test = read_manifest(tmp_path / "a" / "lectures" / "test.jsonl")
     assert all(r.long_speech and r.extra["needle_fact"] for r in lectures_test)
+    for r in read_manifest(tmp_path / "a" / "lectures" / "train.jsonl"):  # each needle's fact, for whole answers
+        assert r.extra["needles"] and all(n["answer"] in n["fact"] for n in r.extra["needles"])
 
     # A second run finds every block done and rewrites the same manifests.
     before = _digest(tmp_path / "a")
