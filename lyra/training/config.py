@@ -34,8 +34,8 @@ __all__ = [
 # Dataset kinds a manifest can be read as (lyra.data.datasets): what each record must hold.
 TASKS = ("asr", "image_qa", "long_speech_qa", "speech_generation", "conversation")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-NEEDLE_ANSWERS = ("word", "sentence")  # how written needle questions are answered
-SOURCE_ANSWERS = ("short", "sentence")  # how a manifest's questions are answered (DataSource.answers)
+# How answers are given (DataSource.answers, data.needle_answers): as written, or said whole.
+ANSWER_FORMS = ("short", "sentence")
 
 
 class TrainConfigError(ValueError):
@@ -75,7 +75,7 @@ class DataConfig:
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
     needle_facts: tuple[int, ...] = (1, 3)  # facts per written needle passage: lowest, highest (6 templates)
     needle_questions: int = 1  # facts of a passage asked, one per turn (at most the passage's facts)
-    needle_answers: str = "word"  # "word": the short answer ("attic"); "sentence": the fact said whole
+    needle_answers: str = "short"  # "short": the answer alone ("attic"); "sentence": the fact said whole
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
     drawn_kinds: dict[str, float] = field(default_factory=dict)  # drawn_images' question kinds -> weight ("describe"
     # included); empty: every other image described, the rest one of the data builder's kinds at random
@@ -148,9 +148,9 @@ class TrainConfig:
         for source in self.data.train:
             if source.task not in TASKS:
                 raise TrainConfigError(f"data.train: task {source.task!r} of {source.manifest} is not one of {TASKS}")
-            if source.answers not in SOURCE_ANSWERS:
+            if source.answers not in ANSWER_FORMS:
                 raise TrainConfigError(f"data.train: answers {source.answers!r} of {source.manifest} is not one of "
-                                       f"{SOURCE_ANSWERS}")
+                                       f"{ANSWER_FORMS}")
         if self.run.precision not in PRECISIONS:
             raise TrainConfigError(f"run.precision must be one of {PRECISIONS}, got {self.run.precision!r}")
         if self.model.init_from is None and self.stage != 0:
@@ -203,8 +203,8 @@ def _check_needles(data: DataConfig) -> None:
     if len(data.needle_facts) != 2 or not 1 <= lowest <= highest:
         raise TrainConfigError(f"data.needle_facts is [lowest, highest] facts per written passage, 1 <= lowest <= "
                                f"highest, got {list(data.needle_facts)}")
-    if data.needle_answers not in NEEDLE_ANSWERS:
-        raise TrainConfigError(f"data.needle_answers must be one of {NEEDLE_ANSWERS}, got {data.needle_answers!r}")
+    if data.needle_answers not in ANSWER_FORMS:
+        raise TrainConfigError(f"data.needle_answers must be one of {ANSWER_FORMS}, got {data.needle_answers!r}")
     if data.needle_questions < 1:
         raise TrainConfigError(f"data.needle_questions is the number of facts asked per passage: 1 or more, got "
                                f"{data.needle_questions}")

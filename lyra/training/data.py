@@ -87,7 +87,7 @@ def text_records(n: int, seed: int = 0) -> list[Record]:
 
 
 def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, questions: int = 1,
-                   answers: str = "word") -> list[Record]:
+                   answers: str = "short") -> list[Record]:
     """`n` written needle passages: corpus sentences with `facts` (lowest, highest) unique facts (the lecture
     needles of lyra.data.lectures) at random places, then a question about one of them -> its short answer.
 
@@ -113,6 +113,7 @@ def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, q
         sentences = [next(background).text for _ in range(rng.randint(*NEEDLE_PASSAGE))]
         for needle in needles:
             sentences.insert(rng.randint(0, len(sentences)), needle.fact)
+        # one question: the random stream of the earlier recipe (its configs rebuild the same passages)
         asked = [rng.choice(needles)] if questions == 1 else rng.sample(needles, min(questions, len(needles)))
         said = [needle.sentence if answers == "sentence" else needle.answer for needle in asked]
         turns = [Turn(HUMAN, " ".join(sentences) + "\n" + asked[0].question), Turn(GPT, said[0])]
