@@ -373,6 +373,9 @@ class FrameCachedDataset(Dataset):
         if pending:
             self._encode(model, pending, dtype)
         bar.close()
+        if self.folder is not None:
+            log.info("frame cache %s: %d samples found, %d tokenised on cached frames, %d new", self.folder,
+                     self.hits, self.frame_hits, len(self.entries) - self.hits - self.frame_hits)
 
     @torch.no_grad()
     def _encode(self, model: LyraForConditionalGeneration, pending: list[tuple[int, Path | None, Path | None]],
