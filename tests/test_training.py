@@ -4,6 +4,7 @@ resuming from a Trainer checkpoint equals an uninterrupted run, and the export/e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -12,13 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from lyra.data.collator import LyraCollator
-from lyra.data.datasets import ASRDataset, ImageQADataset
-from lyra.data.manifest import read_manifest
+from lyra.data.datasets import ASRDataset, EncodedSample, ImageQADataset
+from lyra.data.manifest import GPT, Turn, read_manifest
+from safetensors.torch import save_file
 from training_data import build_smoke_data
 
 from lyra.pretrained import load_pretrained
 from lyra.training import load_train_config
-from lyra.training.data import FrameCachedDataset, TrainCollator, encoder_frames_given
+from lyra.training.data import FrameCachedDataset, TrainCollator, encoder_frames_given, load_frames
 from lyra.training.trainer import build_model, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "smoke"
@@ -468,6 +470,16 @@ def test_spoken_answer_reads_the_training_positions(workspace):
     torch.testing.assert_close(answer.states, states[0], rtol=1e-4, atol=1e-4)
 
 
+def test_cached_frames_of_another_shape_are_replaced(tmp_path):
+    sample = EncodedSample(id="a", input_ids=torch.zeros(3, dtype=torch.long), labels=torch.zeros(3, dtype=torch.long),
+                           speech_token_counts=torch.tensor([5, 2]))
+    path = tmp_path / "frames" / "key.safetensors"
+    path.parent.mkdir()
+    save_file({"frames": torch.ones(2, 20, 8)}, str(path))
+    assert load_frames(path, sample, k=4).shape == (2, 20, 8)  # 2 windows, 5 tokens x 4 frames
+    assert load_frames(path, sample, k=2) is None and not path.exists()
+
+
 def test_gradient_checkpointing_trains_the_same(workspace):
     settings = {"optim.max_steps": 2, "run.save_steps": 100}
     plain = run_stage(workspace, 2, "no_ckpt", **settings)
@@ -491,6 +503,18 @@ def test_frame_cache_on_disk_is_reused(workspace, tmp_path):
         a, b = first[i], again[i]
         assert a.id == b.id and torch.equal(a.input_ids, b.input_ids) and torch.equal(a.pixel_values, b.pixel_values)
         assert torch.equal(a.input_features, b.input_features) and a.input_features.dtype == torch.float16
+    # Other answers about the same recordings: tokenised again, not encoded again.
+    answered = [dataclasses.replace(r, conversations=(*r.conversations[:-1], Turn(GPT, "A different answer.")))
+                for r in records]
+    spoken = sum(bool(r.speech) for r in records)
+    assert 0 < spoken
+    other = FrameCachedDataset([ImageQADataset(answered, loaded.processor)], loaded.model, progress=False,
+                               cache_dir=tmp_path)
+    assert other.hits == 0 and other.frame_hits == spoken
+    for i in range(len(records)):
+        a, b = first[i], other[i]
+        assert not torch.equal(a.labels, b.labels)
+        assert (a.input_features is None and b.input_features is None) or torch.equal(a.input_features, b.input_features)
     # Other encoder weights are another cache.
     with torch.no_grad():
         loaded.model.speech_encoder.layer_norm.bias.add_(1.0)

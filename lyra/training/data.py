@@ -306,7 +306,9 @@ class FrameCachedDataset(Dataset):
     With `cache_dir` every encoded sample is also written there (one safetensors file per record, under a
     folder named after the tokenizer, processor settings and encoder weights) and read back from disk at each
     access, so RAM holds only file names, and later stages and resumed runs that read the same records skip
-    the audio, the log-mel and the encoder altogether (`hits` counts them).
+    the audio, the log-mel and the encoder altogether (`hits` counts them). The frames are kept apart, one file
+    per recording (`frames/`, keyed by the audio files alone): a record whose words change (other answers, a
+    new question about the same clip) is tokenised again but not encoded again (`frame_hits` counts those).
     """
 
     def __init__(
@@ -329,7 +331,8 @@ class FrameCachedDataset(Dataset):
         self.images: list[tuple[str, ...]] = []  # per sample: image files to re-read
         self.skip_broken_count = 0
         self.hits = 0  # samples found in cache_dir
-        pending: list[tuple[int, Path | None]] = []  # samples whose speech still has to be encoded
+        self.frame_hits = 0  # samples tokenised anew whose recordings' frames were found in cache_dir
+        pending: list[tuple[int, Path | None, Path | None]] = []  # samples whose speech still has to be encoded
         total = sum(len(d) for d in datasets)
         bar = _bar(total, "encoding", progress)
         for dataset in datasets:
@@ -352,25 +355,34 @@ class FrameCachedDataset(Dataset):
                     continue
                 if images:
                     sample = replace(sample, pixel_values=None)
+                frames_path = self.folder / "frames" / f"{speech_key(record)}.safetensors" \
+                    if path is not None and sample.input_features is not None else None
+                frames = load_frames(frames_path, sample, self.k) if frames_path is not None else None
+                if frames is not None:
+                    sample = replace(sample, input_features=frames)
+                    self.frame_hits += 1
                 self.entries.append(sample)
                 self.images.append(images)
-                if sample.input_features is None:
-                    self._store(len(self.entries) - 1, path)
+                if sample.input_features is None or frames is not None:
+                    self._store(len(self.entries) - 1, path, frames_path)
                     continue
-                pending.append((len(self.entries) - 1, path))
-                if sum(self.entries[i].input_features.shape[0] for i, _ in pending) >= batch_windows:
+                pending.append((len(self.entries) - 1, path, frames_path))
+                if sum(self.entries[i].input_features.shape[0] for i, _, _ in pending) >= batch_windows:
                     self._encode(model, pending, dtype)
                     pending = []
         if pending:
             self._encode(model, pending, dtype)
         bar.close()
+        if self.folder is not None:
+            log.info("frame cache %s: %d samples found, %d tokenised on cached frames, %d new", self.folder,
+                     self.hits, self.frame_hits, len(self.entries) - self.hits - self.frame_hits)
 
     @torch.no_grad()
-    def _encode(self, model: LyraForConditionalGeneration, pending: list[tuple[int, Path | None]],
+    def _encode(self, model: LyraForConditionalGeneration, pending: list[tuple[int, Path | None, Path | None]],
                 dtype: torch.dtype) -> None:
         encoder = model.speech_encoder
         param = next(encoder.parameters())
-        features = torch.cat([self.entries[i].input_features for i, _ in pending])  # (W, n_mels, 3000)
+        features = torch.cat([self.entries[i].input_features for i, _, _ in pending])  # (W, n_mels, 3000)
         was_training = encoder.training
         encoder.eval()
         frames = torch.cat([
@@ -379,7 +391,7 @@ class FrameCachedDataset(Dataset):
         ])
         encoder.train(was_training)
         start = 0
-        for i, path in pending:
+        for i, path, frames_path in pending:
             sample = self.entries[i]
             counts = sample.speech_token_counts
             n = counts.numel()
@@ -388,12 +400,12 @@ class FrameCachedDataset(Dataset):
             for w in range(n):  # frames past a window's own tokens are never read: zero them
                 own[w, int(counts[w]) * self.k :] = 0
             self.entries[i] = replace(sample, input_features=own)
-            self._store(i, path)
+            self._store(i, path, frames_path)
             start += n
 
-    def _store(self, index: int, path: Path | None) -> None:
+    def _store(self, index: int, path: Path | None, frames_path: Path | None) -> None:
         if path is not None:
-            save_sample(self.entries[index], path)
+            save_sample(self.entries[index], path, frames_path)
             self.entries[index] = path
 
     def __len__(self) -> int:
@@ -435,24 +447,48 @@ def cache_fingerprint(processor: LyraProcessor, model: LyraForConditionalGenerat
 
 def record_key(record: Record, task: str) -> str:
     """A hash of a record as read (its JSON, the dataset kind, and the size and time of each media file)."""
-    media = []
-    for path in record.speech_paths() + record.image_paths():
-        try:
-            stat = path.stat()
-            media.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
-        except OSError:
-            media.append([str(path), None, None])
+    media = _media_stats(record.speech_paths() + record.image_paths())
     text = json.dumps([task, record.to_json(), media], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def save_sample(sample: EncodedSample, path: Path) -> None:
-    """Write one encoded sample (pixels excluded) as safetensors, atomically (processes may race: same bytes)."""
+def speech_key(record: Record) -> str:
+    """A hash of a record's recordings alone (each file's path, size and time): the key of their frames."""
+    return hashlib.sha256(json.dumps(_media_stats(record.speech_paths())).encode()).hexdigest()[:32]
+
+
+def _media_stats(paths: Sequence[Path]) -> list[list]:
+    stats = []
+    for path in paths:
+        try:
+            stat = path.stat()
+            stats.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            stats.append([str(path), None, None])
+    return stats
+
+
+def save_sample(sample: EncodedSample, path: Path, frames_path: Path | None = None) -> None:
+    """Write one encoded sample (pixels excluded) as safetensors, atomically (processes may race: same bytes).
+
+    With `frames_path` its encoder frames go to that file instead (kept if it exists: same recordings, same
+    frames) and the sample's file names it."""
+    tensors = {name: getattr(sample, name).contiguous() for name in _SAMPLE_TENSORS if getattr(sample, name) is not None}
+    metadata = {"id": sample.id}
+    if frames_path is not None and "input_features" in tensors:
+        frames = tensors.pop("input_features")
+        if not frames_path.is_file():
+            frames_path.parent.mkdir(exist_ok=True)
+            _save_atomically({"frames": frames}, frames_path, {})
+        metadata["frames"] = frames_path.name
+    _save_atomically(tensors, path, metadata)
+
+
+def _save_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    tensors = {name: getattr(sample, name).contiguous() for name in _SAMPLE_TENSORS if getattr(sample, name) is not None}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata={"id": sample.id})
+    save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
@@ -461,8 +497,27 @@ def load_sample(path: Path) -> EncodedSample:
 
     with safe_open(str(path), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-        sample_id = (f.metadata() or {}).get("id", path.stem)
-    return EncodedSample(id=sample_id, **tensors)
+        metadata = f.metadata() or {}
+    if "frames" in metadata:
+        with safe_open(str(path.parent / "frames" / metadata["frames"]), framework="pt") as f:
+            tensors["input_features"] = f.get_tensor("frames")
+    return EncodedSample(id=metadata.get("id", path.stem), **tensors)
+
+
+def load_frames(path: Path, sample: EncodedSample, k: int) -> torch.Tensor | None:
+    """The cached frames of a sample's recordings, or None when there are none of the shape it needs (a file of
+    another shape is stale: it is removed, so that the frames encoded now take its place)."""
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        frames = f.get_tensor("frames")
+    counts = sample.speech_token_counts
+    if frames.shape[:2] == (counts.numel(), int(counts.max()) * k):
+        return frames
+    path.unlink(missing_ok=True)
+    return None
 
 
 @contextlib.contextmanager
