@@ -89,7 +89,7 @@ def test_nano_stages_chain_into_each_other():
     assert recall.data.needle_answers == "sentence" and recall.data.needle_questions > 1 and recall.data.text_corpus
     assert configs[11].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
     assert {s.answers for s in configs[12].data.train} == {"sentence"}  # lecture needles answered whole
-    assert any("nano_needles" in s.manifest for s in configs[12].data.train)  # short talks first
+    assert any("nano_needles" in s.manifest for s in configs[12].data.train)  # and the short talks
     assert configs[13].export.enabled and configs[13].export.max_megabytes == 25
     assert configs[13].export.path == "lyra/checkpoints/nano"
 
