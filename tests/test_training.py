@@ -13,14 +13,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from lyra.data.collator import LyraCollator
-from lyra.data.datasets import ASRDataset, EncodedSample, ImageQADataset
+from lyra.data.datasets import ASRDataset, BrokenSampleError, EncodedSample, ImageQADataset
 from lyra.data.manifest import GPT, Turn, read_manifest
 from safetensors.torch import save_file
 from training_data import build_smoke_data
 
 from lyra.pretrained import load_pretrained
 from lyra.training import load_train_config
-from lyra.training.data import FrameCachedDataset, TrainCollator, encoder_frames_given, load_frames
+from lyra.training.data import FrameCachedDataset, TrainCollator, encoder_frames_given, load_frames, speech_key
 from lyra.training.trainer import build_model, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "train" / "smoke"
@@ -515,6 +515,13 @@ def test_frame_cache_on_disk_is_reused(workspace, tmp_path):
         a, b = first[i], other[i]
         assert not torch.equal(a.labels, b.labels)
         assert (a.input_features is None and b.input_features is None) or torch.equal(a.input_features, b.input_features)
+    # A frames file removed by hand: the sample that needs it says so and how to mend it.
+    frames_files = sorted((other.folder / "frames").iterdir())
+    assert len(frames_files) == spoken
+    frames_files[0].unlink()
+    broken = next(i for i, r in enumerate(answered) if r.speech and speech_key(r) == frames_files[0].stem)
+    with pytest.raises(BrokenSampleError, match=r"which is gone; delete .* and run again"):
+        other[broken]
     # Other encoder weights are another cache.
     with torch.no_grad():
         loaded.model.speech_encoder.layer_norm.bias.add_(1.0)

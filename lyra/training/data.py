@@ -355,7 +355,7 @@ class FrameCachedDataset(Dataset):
                     continue
                 if images:
                     sample = replace(sample, pixel_values=None)
-                frames_path = self.folder / "frames" / f"{speech_key(record)}.safetensors" \
+                frames_path = self.folder / FRAMES_FOLDER / f"{speech_key(record)}.safetensors" \
                     if path is not None and sample.input_features is not None else None
                 frames = load_frames(frames_path, sample, self.k) if frames_path is not None else None
                 if frames is not None:
@@ -426,6 +426,7 @@ class FrameCachedDataset(Dataset):
 # ---------------------------------------------------------------------- the on-disk frame cache
 
 CACHE_FORMAT = 1  # bump when the stored layout changes
+FRAMES_FOLDER = "frames"  # beside the samples: one file of encoder frames per recording, named by speech_key
 _SAMPLE_TENSORS = ("input_ids", "labels", "input_features", "speech_token_counts", "speech_clip_windows",
                    "transcript_ids", "image_grid_thw", "tgt_units")
 
@@ -499,7 +500,11 @@ def load_sample(path: Path) -> EncodedSample:
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
         metadata = f.metadata() or {}
     if "frames" in metadata:
-        with safe_open(str(path.parent / "frames" / metadata["frames"]), framework="pt") as f:
+        frames_path = path.parent / FRAMES_FOLDER / metadata["frames"]
+        if not frames_path.is_file():
+            raise BrokenSampleError(f"frame cache: {path.name} needs {frames_path}, which is gone; delete {path} "
+                                    f"(or the whole folder {path.parent}) and run again to encode it anew")
+        with safe_open(str(frames_path), framework="pt") as f:
             tensors["input_features"] = f.get_tensor("frames")
     return EncodedSample(id=metadata.get("id", path.stem), **tensors)
 
