@@ -88,6 +88,7 @@ class BuildConfig:
     use_piper: bool = True  # False: espeak-ng speaks everything and the Piper test conditions are left out
     workers: int = 1  # processes
     block_size: int = 128  # items per block (the unit of seeding, resuming and parallel work)
+    only: tuple[str, ...] = ()  # manifests to synthesise (e.g. "asr/test_piper", or a folder: "lectures"); (): all
 
     def __post_init__(self) -> None:
         if self.audio_format not in ("flac", "wav"):
@@ -346,6 +347,21 @@ def _piper_threads(config: BuildConfig) -> int:
     return max(1, (os.cpu_count() or 1) // max(config.workers, 1))
 
 
+def selected(blocks: list[Block], only: tuple[str, ...]) -> list[Block]:
+    """The blocks of the manifests ``only`` names (a manifest, or a folder for all of its manifests).
+
+    Items are planned in full first, so a part built alone is the same as in a whole build with the same
+    settings: the held-out sets of a data folder can be rebuilt without its hours of training speech."""
+    if not only:
+        return blocks
+    manifests = list(dict.fromkeys(b.manifest for b in blocks))
+    unknown = [name for name in only if not any(m == name or m.split("/")[0] == name for m in manifests)]
+    if unknown:
+        raise ValueError(f"--only names no manifest of this build: {', '.join(unknown)}; these settings build "
+                         f"{', '.join(manifests) or 'nothing'}")
+    return [b for b in blocks if b.manifest in only or b.manifest.split("/")[0] in only]
+
+
 def _run_and_save(args: tuple[Block, BuildConfig]) -> tuple[Block, int]:
     block, config = args
     records = run_block(block, config)
@@ -367,7 +383,7 @@ def build(config: BuildConfig, progress: Callable[[int, int], None] | None = Non
     out = Path(config.out)
     (out / ".parts").mkdir(parents=True, exist_ok=True)
     (out / "vocabulary.txt").write_text("\n".join(vocabulary()) + "\n")
-    blocks = plan(config)
+    blocks = selected(plan(config), config.only)
     total = sum(len(b.items) for b in blocks)
     todo = [b for b in blocks if not (out / ".parts" / b.part).exists()]
     done = total - sum(len(b.items) for b in todo)
@@ -484,6 +500,9 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--audio-format", type=click.Choice(["flac", "wav"]), default=None, help="Audio file format.")
 @click.option("--no-piper", "use_piper", flag_value=False, default=None,
               help="Speak everything with espeak-ng (no Piper test conditions).")
+@click.option("--only", default=None,
+              help="Build only these manifests, comma-separated (asr/test_piper, or a folder: lectures); their items "
+                   "are those of a whole build with the same settings.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Processes (the output does not depend on it).")
 def main(out: Path, seed: int, preset: str, workers: int, **overrides) -> None:
     """Build the synthetic data sets (manifests, audio, images) under OUT."""
@@ -493,10 +512,13 @@ def main(out: Path, seed: int, preset: str, workers: int, **overrides) -> None:
     for key in ("lecture_train_minutes", "lecture_test_minutes"):
         if overrides.get(key) is not None:
             overrides[key] = _floats(overrides[key])
+    if overrides.get("only") is not None:
+        overrides["only"] = tuple(x.strip().strip("/") for x in overrides["only"].split(",") if x.strip())
     settings.update({k: v for k, v in overrides.items() if v is not None})
     try:
         config = BuildConfig(out=out, seed=seed, workers=workers, **settings)
-    except ValueError as exc:  # a setting out of range: name it instead of a traceback
+        selected(plan(config), config.only)
+    except ValueError as exc:  # a setting out of range, an unknown manifest: name it instead of a traceback
         raise click.UsageError(str(exc)) from None
     bar = tqdm(total=None, unit="item", desc="building")
 

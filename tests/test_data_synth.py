@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from lyra.data import corpus, lectures, synth_images
-from lyra.data.build import LONG_CLIP_SECONDS, PRESETS, BuildConfig, build, main, plan
+from lyra.data.build import LONG_CLIP_SECONDS, PRESETS, BuildConfig, build, main, plan, selected
 from lyra.data.corpus import (
     HOMOPHONE_GROUPS,
     SentenceGenerator,
@@ -269,6 +269,21 @@ def test_build_is_reproducible_disjoint_and_independent_of_workers(tmp_path):
     before = _digest(tmp_path / "a")
     build(BuildConfig(out=tmp_path / "a", seed=7, **settings))
     assert _digest(tmp_path / "a") == before
+
+
+def test_only_builds_the_named_manifests_with_the_items_of_a_whole_build(tmp_path):
+    settings = dict(PRESETS["tiny"], use_piper=False, asr_train=6, asr_test=3, block_size=3)
+    build(BuildConfig(out=tmp_path / "whole", seed=5, **settings))
+    part = build(BuildConfig(out=tmp_path / "part", seed=5, only=("asr/test_espeak", "lectures"), **settings))
+    assert set(part["manifests"]) == {"asr/test_espeak", "lectures/train", "lectures/test"}
+    assert not (tmp_path / "part" / "asr" / "train.jsonl").exists()
+    whole, built = _digest(tmp_path / "whole"), _digest(tmp_path / "part")
+    assert built and all(whole[name] == digest for name, digest in built.items() if name != "vocabulary.txt")
+    assert any(name.startswith("lectures/") and name.endswith(".flac") for name in built)
+    with pytest.raises(ValueError, match="asr/test_piper.*asr/train"):  # no Piper conditions without Piper
+        selected(plan(BuildConfig(out=tmp_path / "x", **settings)), ("asr/test_piper",))
+    result = CliRunner().invoke(main, ["--out", str(tmp_path / "cli"), "--preset", "tiny", "--only", "asr/nope"])
+    assert result.exit_code == 2 and "--only names no manifest of this build: asr/nope" in result.output
 
 
 def test_plan_includes_piper_test_conditions():
