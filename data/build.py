@@ -403,8 +403,7 @@ def build(config: BuildConfig, progress: Callable[[int, int], None] | None = Non
             if progress:
                 progress(done, total)
 
-    summary: dict = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
-                     "manifests": {}}
+    summary: dict = {"config": _settings(config), "manifests": _manifests_built_before(out, config)}
     for manifest in dict.fromkeys(b.manifest for b in blocks):
         records = []
         for b in (b for b in blocks if b.manifest == manifest):
@@ -425,6 +424,21 @@ def build(config: BuildConfig, progress: Callable[[int, int], None] | None = Non
                    versions=_versions())
     (out / "build.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _settings(config: BuildConfig) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()}
+
+
+def _manifests_built_before(out: Path, config: BuildConfig) -> dict:
+    """The manifests an earlier `--only` build with the same settings wrote to ``out`` (kept in build.json)."""
+    try:
+        previous = json.loads((out / "build.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(json.dumps(previous.get("config", {}).get(k)) == json.dumps(v)
+               for k, v in _settings(config).items() if k not in ("only", "workers"))
+    return dict(previous.get("manifests", {})) if same else {}
 
 
 def _check_held_out(out: Path) -> None:

@@ -280,6 +280,10 @@ def test_only_builds_the_named_manifests_with_the_items_of_a_whole_build(tmp_pat
     whole, built = _digest(tmp_path / "whole"), _digest(tmp_path / "part")
     assert built and all(whole[name] == digest for name, digest in built.items() if name != "vocabulary.txt")
     assert any(name.startswith("lectures/") and name.endswith(".flac") for name in built)
+    # A second part of the same build: build.json lists both parts' manifests.
+    second = build(BuildConfig(out=tmp_path / "part", seed=5, only=("image_qa/test",), **settings))
+    assert {"asr/test_espeak", "lectures/test", "image_qa/test", "image_qa/test_typed"} <= set(second["manifests"])
+    assert json.loads((tmp_path / "part" / "build.json").read_text())["manifests"] == second["manifests"]
     with pytest.raises(ValueError, match="asr/test_piper.*asr/train"):  # no Piper conditions without Piper
         selected(plan(BuildConfig(out=tmp_path / "x", **settings)), ("asr/test_piper",))
     result = CliRunner().invoke(main, ["--out", str(tmp_path / "cli"), "--preset", "tiny", "--only", "asr/nope"])
