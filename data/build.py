@@ -355,11 +355,16 @@ def selected(blocks: list[Block], only: tuple[str, ...]) -> list[Block]:
     if not only:
         return blocks
     manifests = list(dict.fromkeys(b.manifest for b in blocks))
-    unknown = [name for name in only if not any(m == name or m.split("/")[0] == name for m in manifests)]
+    unknown = [name for name in only if not any(_names(name, m) for m in manifests)]
     if unknown:
         raise ValueError(f"--only names no manifest of this build: {', '.join(unknown)}; these settings build "
                          f"{', '.join(manifests) or 'nothing'}")
-    return [b for b in blocks if b.manifest in only or b.manifest.split("/")[0] in only]
+    return [b for b in blocks if any(_names(name, b.manifest) for name in only)]
+
+
+def _names(name: str, manifest: str) -> bool:
+    """Whether an `--only` entry names ``manifest``: the manifest itself or its folder."""
+    return name in (manifest, manifest.split("/")[0])
 
 
 def _run_and_save(args: tuple[Block, BuildConfig]) -> tuple[Block, int]:
@@ -531,7 +536,8 @@ def main(out: Path, seed: int, preset: str, workers: int, **overrides) -> None:
     settings.update({k: v for k, v in overrides.items() if v is not None})
     try:
         config = BuildConfig(out=out, seed=seed, workers=workers, **settings)
-        selected(plan(config), config.only)
+        if config.only:  # an unknown name fails here, before any work
+            selected(plan(config), config.only)
     except ValueError as exc:  # a setting out of range, an unknown manifest: name it instead of a traceback
         raise click.UsageError(str(exc)) from None
     bar = tqdm(total=None, unit="item", desc="building")
