@@ -275,6 +275,20 @@ def test_stage3_long_speech_adapter_and_projector(workspace):
     assert_reloads(result, workspace)
 
 
+def test_stage3_continued_keeps_its_projector(workspace):
+    """A curriculum's second part (model.continue_stage) starts from the first part's long-speech projector, not
+    again from the speech projector. Learning rate 0: what each run starts from is what it ends with."""
+    short = run_stage(workspace, 3, "stage3_short", **{"optim.max_steps": 2})
+    still = {"optim.max_steps": 1, "optim.learning_rate": 0.0, "model.init_from": str(short.output_dir)}
+    continued = run_stage(workspace, 3, "stage3_long", **still, **{"model.continue_stage": True})
+    restarted = run_stage(workspace, 3, "stage3_again", **still)
+    trained = short.model.speech_projectors["long_speech"].linear2.bias
+    speech = short.model.speech_projectors["speech"].linear2.bias
+    assert not torch.equal(trained, speech)
+    assert torch.equal(continued.model.speech_projectors["long_speech"].linear2.bias, trained)
+    assert torch.equal(restarted.model.speech_projectors["long_speech"].linear2.bias, speech)
+
+
 def test_stage4_generator_only_and_export(workspace):
     before = parameters(load_pretrained(workspace["base"]).model)
     result = run_stage(workspace, 4, "stage4")

@@ -52,6 +52,9 @@ class ModelSource:
     speech_encoder: str = "whisper-tiny.en"  # fresh builds: "whisper-tiny.en" (lyra.assets), a Whisper folder, or "random"
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
     reset_vision: bool = False  # init_from runs: replace its vision tower by a fresh one of the preset's shape
+    # init_from is an earlier run of this same stage (a curriculum: short talks, then longer lectures): keep what it
+    # trained instead of starting the stage's projector again from another (stage 3: long_speech from speech)
+    continue_stage: bool = False
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,9 @@ class TrainConfig:
                                    "stage: 0 and leave data.train, text_corpus, text_needles and drawn_images empty")
         _check_needles(self.data)
         _check_drawn_kinds(self.data)
+        if self.model.continue_stage and self.model.init_from is None:
+            raise TrainConfigError("model.continue_stage carries on from the run in model.init_from: set init_from to "
+                                   "the output folder of an earlier run of this stage")
         if self.model.reset_vision and self.model.init_from is None:
             raise TrainConfigError("model.reset_vision replaces the vision tower of model.init_from; a fresh build "
                                    "(no init_from) has a fresh tower already")

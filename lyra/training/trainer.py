@@ -259,7 +259,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if config.lcmr_weight is not None:
         model.config.lcmr = {**model.config.lcmr, "weight": float(config.lcmr_weight)}
     lcmr = spec.lcmr and model.config.settings.lcmr.weight > 0
-    trainable = prepare_stage(model, spec, fresh=checkpoint is None)
+    trainable = prepare_stage(model, spec, fresh=checkpoint is None and not config.model.continue_stage)
     log.info("stage %d (%s): training %s", spec.number, spec.name, trainable)
 
     if cache and args.device.type == "cuda":
