@@ -74,12 +74,13 @@ def test_json_files_parse():
 def test_nano_stages_chain_into_each_other():
     # README's order
     names = ["0", "1", "0_speech", "0_vision", "0_mix", "0_tower", "0_see", "0_read", "0_drill", "0_copy", "0_recall",
-             "2", "3", "4"]
+             "2", "3", "3_long", "4"]
     configs = [load_train_config(CONFIGS / "train" / f"nano_stage{name}.yaml") for name in names]
-    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 4]
+    assert [c.stage for c in configs] == [0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 3, 3, 4]
     assert configs[0].model.init_from is None and configs[0].model.tokenizer == "compact"
     for before, after in itertools.pairwise(configs):
         assert after.model.init_from == before.run.output_dir
+        assert after.model.continue_stage == (after.stage == before.stage == 3)  # stage 3's second part
     assert all(configs[i].data.drawn_images > 0 for i in (3, 4, 6, 7, 8))  # vision and mixed passes
     tower = configs[5]
     assert tower.model.reset_vision and tower.data.drawn_cells >= tower.optim.max_steps * tower.optim.batch_size
@@ -90,8 +91,9 @@ def test_nano_stages_chain_into_each_other():
     assert configs[11].lcmr_weight == 0.0  # the nano recipe's choice after the LCMR ablation (docs/nano.md)
     assert {s.answers for s in configs[12].data.train} == {"sentence"}  # lecture needles answered whole
     assert any("nano_needles" in s.manifest for s in configs[12].data.train)  # and the short talks
-    assert configs[13].export.enabled and configs[13].export.max_megabytes == 25
-    assert configs[13].export.path == "lyra/checkpoints/nano"
+    assert any("nano_needles_long" in s.manifest for s in configs[13].data.train)  # then longer lectures
+    assert configs[14].export.enabled and configs[14].export.max_megabytes == 25
+    assert configs[14].export.path == "lyra/checkpoints/nano"
 
 
 BAD_TRAINING_YAML = [  # (YAML, what the error must say)
