@@ -114,7 +114,8 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
     ("stage: 0\ndata: {text_needles: 10, needle_answers: full}\n", r"needle_answers must be one of .* got 'full'"),
     ("stage: 0\nmodel: {reset_vision: true}\ndata: {drawn_cells: 100}\n",
      "reset_vision replaces the vision tower of model.init_from"),
-    ("stage: 0\nmodel: {continue_stage: true}\ndata: {text_needles: 10}\n", "continue_stage carries on from the run in model.init_from"),
+    ("stage: 0\nmodel: {continue_stage: true}\ndata: {text_needles: 10}\n",
+     "continue_stage carries on from the run in model.init_from"),
 ]
 
 
