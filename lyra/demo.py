@@ -94,9 +94,11 @@ def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO 
     t1 = time.perf_counter()
     first = None
     adapter = None
+    steps = 0  # decoding steps, the end-of-answer token's included
     out.write("answer: ")
     with torch.inference_mode():
         for step in loaded.model.stream_generate(dict(inputs), max_new_tokens=max_new_tokens):
+            steps += 1
             if first is None:
                 first = time.perf_counter()
                 adapter = step.cache.adapter
@@ -113,7 +115,7 @@ def run_demo(model: str | None = None, *, max_new_tokens: int = 24, out: TextIO 
     report = DemoReport(
         source=loaded.source, trained=loaded.trained, question_audio=audio_kind, adapter=adapter,
         image_tokens=image_tokens, speech_tokens=speech_tokens, answer=shown,
-        load_s=load_s, prefill_s=(first or end) - t1, tokens_per_s=max(len(tokens) - 1, 0) / decode_s,
+        load_s=load_s, prefill_s=(first or end) - t1, tokens_per_s=max(steps - 1, 0) / decode_s,
     )
     print(f"adapter: {adapter}; first token after {report.prefill_s:.2f} s; "
           f"{report.tokens_per_s:.1f} tokens/s", file=err)
