@@ -196,6 +196,9 @@ def fmt(x, digits=2):
 
 
 def docs_section(args, rows, costs, calibration, units_check, started, elapsed, command) -> str:
+    from lyra.presets import build_config
+
+    units = build_config("nano").settings.speech_generator.num_units
     threads = torch.get_num_threads()
     lines = [
         "## Spoken answers: incremental speech generator vs re-running it (reference)",
@@ -212,7 +215,7 @@ def docs_section(args, rows, costs, calibration, units_check, started, elapsed, 
         f"{platform.python_version()}. GPU part: not run (no GPU on this task).",
         "",
         "Model: nano preset, random weights (LLM 4 x 256, generator 2 layers x 256, 4 heads, FFN 1024, "
-        "upsample 25, 128 units), float32, SDPA; embedded nano vocoder (trained). Answers are sampled (temperature 1, "
+        f"upsample 25, {units} units), float32, SDPA; embedded nano vocoder (trained). Answers are sampled (temperature 1, "
         "same seed in every run and mode) with EOS disabled, so every answer has exactly the listed number of tokens. The generator's random output projection is replaced by a "
         f"fixed quantizer of one direction of its input (`quantizer_head`), so it emits {calibration[1]:.1f} units "
         f"per token like a trained head would (target {TARGET_UNITS_PER_TOKEN:g}; random weights emit about one). "

@@ -2,7 +2,8 @@
 
     python -m lyra.data.vocoder_recipe --out lyra/checkpoints/nano_vocoder
 
-1. Speech: template sentences spoken by espeak-ng (voice en-us), resampled to 16 kHz.
+1. Speech: template sentences in one voice (`--voice`: by default the spoken answers' `ANSWER_VOICE`, espeak-ng
+   en-us at 160 words per minute; or the Piper voice at a length scale), resampled to 16 kHz.
 2. Units: 20 ms log-mel frames (pairs of Whisper's 10 ms frames, standardised) of the training speech,
    k-means (seeded); see lyra/data/units.py for why log-mel.
 3. Targets: per 10 ms, the spectral envelope (band powers) and voicing degree of the real audio
@@ -10,7 +11,7 @@
 4. Training: the envelope stack (L1 on log band power + BCE on voicing) on random 2.5 s crops, and the
    duration predictor (MSE on log(frames + 1)), AdamW, a few minutes each on one thread.
 5. Check: held-out sentences (other templates and words) -> units -> durations -> audio -> Whisper tiny.en,
-   word error rate against the text; the original espeak audio is transcribed too, as the ceiling.
+   word error rate against the text; the original audio is transcribed too, as the ceiling.
 
 The folder gets config.json, model.safetensors (fp16, with the k-means centroids as `kmeans.centroids`) and
 recipe.json (the settings and measured figures).
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from lyra.data.speech_eval import WhisperTranscriber, word_error_rate
-from lyra.data.synth_speech import ANSWER_VOICE
+from lyra.data.synth_speech import ANSWER_VOICE, PiperSynthesizer, Voice
 from lyra.data.units import (
     CENTROIDS_KEY,
     FEATURES,
@@ -45,12 +46,13 @@ from lyra.data.units import (
     fit_kmeans,
     log_mel_frames,
 )
+from tqdm import tqdm
 
 from lyra.vocoder import EMBEDDED_VOCODER, NanoVocoder, NanoVocoderConfig
 
 SAMPLE_RATE = 16000
 VOICE = "en-us"  # espeak-ng voice
-SPEED = int(ANSWER_VOICE.rate)  # espeak-ng words per minute (the speech-generation answers use this voice too)
+SPEED = 160  # espeak-ng words per minute of `--voice espeak` (the shipped vocoder's and ANSWER_VOICE's)
 
 # ---- sentences ---------------------------------------------------------------------------------------
 _SUBJECTS = ["the teacher", "my brother", "a young doctor", "the old farmer", "our neighbour", "the pilot",
@@ -109,6 +111,28 @@ def training_sentences(n: int, seed: int = 0) -> list[str]:
     return out
 
 
+def parse_voice(spec: str) -> Voice:
+    """`espeak:160` (espeak-ng en-us, words per minute) or `piper:1.0` (the Piper voice, length scale)."""
+    engine, _, rate = spec.partition(":")
+    try:
+        return Voice(engine, float(rate or (SPEED if engine == "espeak" else 1.0)))
+    except ValueError as exc:
+        raise ValueError(f"--voice {spec!r}: {exc} (use espeak:WPM or piper:LENGTH_SCALE)") from None
+
+
+class Speaker:
+    """Speaks the recipe's sentences in one voice (Piper loaded once)."""
+
+    def __init__(self, voice: Voice):
+        self.voice = voice
+        self._piper = PiperSynthesizer(threads=1) if voice.engine == "piper" else None
+
+    def __call__(self, text: str) -> np.ndarray:
+        if self._piper is not None:
+            return self._piper(text, self.voice)
+        return espeak(text, speed=int(self.voice.rate))
+
+
 def espeak(text: str, *, voice: str = VOICE, speed: int = SPEED) -> np.ndarray:
     """`text` spoken by espeak-ng, 16 kHz float32."""
     import soundfile as sf
@@ -140,6 +164,7 @@ class RecipeSettings:
     threads: int = 1
     channels: int = 160  # envelope conv stack width
     duration_dropout: float = 0.1  # duration predictor dropout
+    voice: str = f"{ANSWER_VOICE.engine}:{ANSWER_VOICE.rate:g}"  # espeak:WPM or piper:LENGTH_SCALE
 
 
 def estimate_f0(vocoder: NanoVocoder, waves: list[np.ndarray]) -> float:
@@ -242,8 +267,9 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     t0 = time.time()
+    speak = Speaker(parse_voice(settings.voice))
     texts = training_sentences(settings.sentences, settings.seed)
-    waves = [espeak(t) for t in texts]
+    waves = [speak(t) for t in tqdm(texts, desc="speaking", unit="sentence", leave=False)]
     hours = sum(len(w) for w in waves) / SAMPLE_RATE / 3600
     log(f"{len(waves)} sentences, {hours * 60:.1f} min of speech ({time.time() - t0:.0f} s)")
 
@@ -287,7 +313,7 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     transcriber = WhisperTranscriber()
     refs, original, resynth, true_dur = [], [], [], []
     for text in HELD_OUT:
-        wave = espeak(text)
+        wave = speak(text)
         frames = extractor.frame_units(wave)
         units, counts = dedup(frames.tolist())
         refs.append(text)
@@ -298,7 +324,7 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
         true_dur.append(transcriber(audio))
     report = {
         "settings": asdict(settings),
-        "voice": VOICE, "speed_wpm": SPEED,
+        "voice": speak.voice.to_json(),
         "training_minutes": round(hours * 60, 2),
         "f0_hz": f0,
         "frames_per_unit": round(frames_per_unit, 3),
@@ -308,7 +334,7 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.time() - t0, 1),
         "held_out_sentences": len(HELD_OUT),
-        "wer_espeak_original": round(word_error_rate(refs, original), 4),
+        "wer_original": round(word_error_rate(refs, original), 4),
         "wer_resynthesized": round(word_error_rate(refs, resynth), 4),
         "wer_resynthesized_true_durations": round(word_error_rate(refs, true_dur), 4),
         "examples": [{"text": r, "original": o, "resynthesized": s} for r, o, s in list(zip(refs, original, resynth))[:5]],

@@ -17,7 +17,7 @@ Two differences from the reference:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +146,20 @@ class SpeechGenerator(nn.Module):
         self.input_proj = nn.Linear(text_config.hidden_size, settings.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(self.config, i) for i in range(settings.num_layers))
         self.output_proj = nn.Linear(settings.hidden_size, settings.num_units + 1)
+
+    def resize_units(self, num_units: int) -> bool:
+        """Give the head a fresh output layer for another unit inventory (a vocoder with `num_units` units);
+        the input projection and decoder layers stay. Returns whether anything changed."""
+        if num_units == self.settings.num_units:
+            return False
+        if num_units < 1:
+            raise ValueError(f"num_units must be at least 1, got {num_units}")
+        old = self.output_proj
+        self.settings = replace(self.settings, num_units=num_units)
+        self.blank = self.settings.blank
+        self.config.vocab_size = num_units + 1
+        self.output_proj = nn.Linear(old.in_features, num_units + 1, device=old.weight.device, dtype=old.weight.dtype)
+        return True
 
     # ---- shared decoder ----------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ def liven(generator: nn.Module, seed: int = 0, std: float = 0.3) -> nn.Module:
 
 
 def speaking_model(seed: int = 0, **overrides) -> LyraForConditionalGeneration:
-    """The tiny test model with a lively speech generator (nano generator sizes, 128 units)."""
+    """The tiny test model with a lively speech generator (the nano generator's sizes and units)."""
     torch.manual_seed(seed)
     model = LyraForConditionalGeneration(tiny_config(**overrides)).eval()
     liven(model.speech_generator, seed)
@@ -40,10 +40,11 @@ def processor_for(model: LyraForConditionalGeneration) -> LyraProcessor:
     return LyraProcessor.for_model(model.config, assets.qwen2_tokenizer())
 
 
-def nano_vocoder(num_units: int = 128, seed: int = 0) -> NanoVocoder:
+def nano_vocoder(num_units: int | None = None, seed: int = 0) -> NanoVocoder:
     """A randomly initialised nano vocoder (default PyTorch init; output is shaped noise, but deterministic)."""
     torch.manual_seed(seed)
-    return NanoVocoder(NanoVocoderConfig(num_units=num_units)).eval()
+    units = num_units or tiny_config().settings.speech_generator.num_units
+    return NanoVocoder(NanoVocoderConfig(num_units=units)).eval()
 
 
 def hifigan_config(num_units: int = 20, dur: bool = True) -> dict:

@@ -28,6 +28,8 @@ from lyra.data.manifest import read_manifest
 from lyra.data.synth_images import IMAGE_COLORS, make_image_qa
 from lyra.data.synth_speech import ANSWER_VOICE, EspeakSynthesizer, PiperSynthesizer, Voice
 
+from lyra.vocoder import EMBEDDED_VOCODER
+
 # ---------------------------------------------------------------------- vocabulary
 
 
@@ -307,8 +309,19 @@ def test_spoken_answers_are_in_the_vocoders_voice():
     blocks = plan(BuildConfig(out=Path("/nonexistent"), seed=0, **PRESETS["tiny"]))
     voices = {Voice(**item["answer_voice"]) for b in blocks if b.kind == "speechgen" for item in b.items}
     assert voices == {ANSWER_VOICE}
-    assert ANSWER_VOICE.engine == "espeak" and ANSWER_VOICE.rate == vocoder_recipe.SPEED
-    assert not ANSWER_VOICE.variant and ANSWER_VOICE.pitch == 50  # espeak-ng's own, as the recipe speaks
+    assert vocoder_recipe.parse_voice(vocoder_recipe.RecipeSettings().voice) == ANSWER_VOICE
+    shipped = json.loads((EMBEDDED_VOCODER / "recipe.json").read_text())["settings"]["voice"]
+    assert vocoder_recipe.parse_voice(shipped) == ANSWER_VOICE
+
+
+def test_vocoder_recipe_voice_option():
+    from lyra.data.vocoder_recipe import parse_voice
+
+    assert parse_voice("piper:0.8") == Voice("piper", 0.8)
+    assert parse_voice("espeak") == Voice("espeak", 160) and parse_voice("piper") == Voice("piper", 1.0)
+    for bad in ("festival:1", "piper:9", "espeak:fast"):
+        with pytest.raises(ValueError, match="--voice"):
+            parse_voice(bad)
 
 
 def test_speechgen_image_fraction_sets_the_share_of_image_answers():

@@ -20,7 +20,7 @@ from lyra.constants import IGNORE_INDEX
 from lyra.convert import ConversionReport, convert_release
 from lyra.generator import SpeechGenerator, answer_states, ctc_collapse
 
-BLANK = 128  # the nano generator's blank (128 units)
+BLANK = build_config("nano").settings.speech_generator.blank  # the nano generator's blank (one past its units)
 
 
 def answer_batch(model, answer_len=8, prompt_len=6, batch=2, units=30, seed=0):

@@ -35,7 +35,7 @@ def offline_speech(model, inputs, vocoder, max_new_tokens, cache=None, seed=0):
 @pytest.fixture(scope="module")
 def speaking():
     model = speaking_model()
-    return model, processor_for(model), nano_vocoder(128)
+    return model, processor_for(model), nano_vocoder()
 
 
 def test_answer_events_speak_while_the_text_is_generated(speaking):
@@ -134,7 +134,7 @@ def test_cli_ask_speak_writes_a_wav(model_folder, tmp_path):
     from lyra.pretrained import load_pretrained
 
     loaded = load_pretrained(model_folder)
-    assert loaded.vocoder is not None and loaded.vocoder.num_units == 128
+    assert loaded.vocoder is not None and loaded.vocoder.num_units == loaded.model.speech_generator.settings.num_units
     out = tmp_path / "answer.wav"
     runner = CliRunner()
     result = runner.invoke(main, ["ask", "--text", "Tell me about the harbour.", "--speak", str(out),

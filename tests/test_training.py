@@ -304,6 +304,24 @@ def test_stage4_generator_only_and_export(workspace):
         torch.testing.assert_close(state[name], p.detach().half().float(), rtol=0, atol=0)
 
 
+def test_stage4_fits_the_generator_to_the_vocoders_units(workspace, tmp_path):
+    """data.units_from names a vocoder with another unit inventory: the generator's output layer is rebuilt for
+    it, trained, saved and reloaded at that size (the rest of the generator carries over)."""
+    from lyra.vocoder import NanoVocoder, NanoVocoderConfig
+
+    base = load_pretrained(workspace["base"]).model
+    units = base.config.settings.speech_generator.num_units
+    NanoVocoder(NanoVocoderConfig(num_units=2 * units)).save_pretrained(tmp_path / "vocoder")
+    result = run_stage(workspace, 4, "stage4_units", **{"data.units_from": str(tmp_path / "vocoder")})
+    generator = result.model.speech_generator
+    assert generator.output_proj.out_features == 2 * units + 1 and generator.blank == 2 * units
+    assert losses(result, "units")[-1] < losses(result, "units")[0]
+    reloaded = load_pretrained(result.output_dir).model
+    assert reloaded.config.settings.speech_generator.num_units == 2 * units
+    torch.testing.assert_close(reloaded.speech_generator.output_proj.weight, generator.output_proj.weight)
+    assert not base.speech_generator.resize_units(units)  # the same inventory: nothing changes
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(workspace):
     straight = run_stage(workspace, 0, "straight", **{"optim.max_steps": 4, "run.save_steps": 2})
     run_stage(workspace, 0, "resumed", **{"optim.max_steps": 2, "run.save_steps": 2})

@@ -191,13 +191,19 @@ def attach_units(records: Sequence[Record], extract: Callable[[Path], list[int]]
     return out
 
 
+def vocoder_folder(folder: str) -> Path:
+    """`data.units_from` as a folder ("embedded": the shipped nano vocoder)."""
+    from lyra.vocoder import EMBEDDED_VOCODER
+
+    return EMBEDDED_VOCODER if folder == "embedded" else Path(folder)
+
+
 def unit_extractor(folder: str) -> Callable[[Path], list[int]]:
     """`extract(path) -> units` with the k-means centroids of a nano vocoder folder ("embedded": the shipped one)."""
     from lyra.audio import load_audio
     from lyra.data.units import UnitExtractor
-    from lyra.vocoder import EMBEDDED_VOCODER
 
-    extractor = UnitExtractor.from_pretrained(EMBEDDED_VOCODER if folder == "embedded" else folder)
+    extractor = UnitExtractor.from_pretrained(vocoder_folder(folder))
     return lambda path: extractor.units(load_audio(str(path)))
 
 

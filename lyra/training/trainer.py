@@ -28,11 +28,11 @@ from lyra.data.collator import LyraCollator
 from lyra.modeling import LyraForConditionalGeneration, read_whisper_encoder_state
 from lyra.processing import LyraProcessor
 from lyra.training.config import TrainConfig, TrainConfigError
-from lyra.training.data import TrainCollator, build_train_dataset, encoder_frames_given
+from lyra.training.data import TrainCollator, build_train_dataset, encoder_frames_given, vocoder_folder
 from lyra.training.stages import STAGES, StageSpec, prepare_stage
 
-__all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "train", "training_arguments",
-           "with_fresh_vision", "write_summary"]
+__all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "match_vocoder_units", "train",
+           "training_arguments", "with_fresh_vision", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,8 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if config.lcmr_weight is not None:
         model.config.lcmr = {**model.config.lcmr, "weight": float(config.lcmr_weight)}
     lcmr = spec.lcmr and model.config.settings.lcmr.weight > 0
+    if config.data.units_from is not None and model.speech_generator is not None:
+        match_vocoder_units(model, vocoder_folder(config.data.units_from))
     trainable = prepare_stage(model, spec, fresh=checkpoint is None and not config.model.continue_stage)
     log.info("stage %d (%s): training %s", spec.number, spec.name, trainable)
 
@@ -293,6 +295,19 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if trainer.is_world_process_zero():
         write_summary(result, config, args)
     return result
+
+
+def match_vocoder_units(model: LyraForConditionalGeneration, folder: Path) -> None:
+    """Stage 4 learns the units of the vocoder in `folder`: a generator built for another unit inventory gets a
+    fresh output layer of the vocoder's size (and the model config says so), before training or resuming."""
+    from lyra.vocoder import load_vocoder
+
+    units = load_vocoder(folder).num_units
+    before = model.speech_generator.settings.num_units
+    if model.speech_generator.resize_units(units):
+        model.config.speech_generator = {**model.config.speech_generator, "num_units": units}
+        log.warning("the speech generator emitted %d units, the vocoder in %s has %d: its output layer starts "
+                    "afresh at %d units", before, folder, units, units)
 
 
 def write_summary(result: TrainResult, config: TrainConfig, args: TrainingArguments) -> Path:
