@@ -306,7 +306,7 @@ def test_stage4_generator_only_and_export(workspace):
 
 def test_stage4_fits_the_generator_to_the_vocoders_units(workspace, tmp_path):
     """data.units_from names a vocoder with another unit inventory: the generator's output layer is rebuilt for
-    it, trained, saved and reloaded at that size (the rest of the generator carries over)."""
+    it, trained, saved and reloaded at that size."""
     from lyra.vocoder import NanoVocoder, NanoVocoderConfig
 
     base = load_pretrained(workspace["base"]).model
