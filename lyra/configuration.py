@@ -68,6 +68,24 @@ class ExtractorConfig:
 
 
 @dataclass(frozen=True)
+class ImagePositionConfig:
+    """Where each image token sits, added to its features: sines and cosines of its cell's centre (as a fraction
+    of the image's height and width) through a linear layer that starts at zero (lyra/vision.py).
+
+    Qwen2-VL places image tokens only through M-RoPE, inside the attention scores; a small LLM does not read that
+    back as content ("where is the red circle?"), so tiny models get it here. Off for Qwen2-VL's own checkpoints.
+    """
+
+    enabled: bool = False  # add the position features to every image token
+    frequencies: int = 8  # sine/cosine pairs per axis, at pi, 2 pi, ..., frequencies * pi
+
+    @property
+    def features(self) -> int:
+        """Width of the features before the linear layer (sine and cosine, two axes)."""
+        return 4 * self.frequencies
+
+
+@dataclass(frozen=True)
 class GeneratorConfig:
     """CTC speech generator: the LLM's answer-token states -> discrete speech units for a unit vocoder.
 
@@ -106,6 +124,7 @@ class LyraSettings:
     lcmr: LcmrConfig = field(default_factory=LcmrConfig)
     extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
     speech_generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    image_positions: ImagePositionConfig = field(default_factory=ImagePositionConfig)
 
 
 def _as_dict(obj) -> dict:
@@ -130,8 +149,8 @@ class LyraConfig(PreTrainedConfig):
     Args:
         backbone_config: the Qwen2-VL config (vision tower + LLM), dict or `Qwen2VLConfig`.
         speech_config: the Whisper config whose encoder is the speech tower, dict or `WhisperConfig`.
-        projector, adapters, lcmr, extractor, speech_generator: dicts (or the dataclasses above) for Lyra's own
-            parts (not named "generator": transformers takes a config attribute of that name for a text config).
+        projector, adapters, lcmr, extractor, speech_generator, image_positions: dicts (or the dataclasses above)
+            for Lyra's own parts (not named "generator": transformers takes a config attribute of that name for a text config).
         speech_token_id: id of `<|speech_pad|>`, the placeholder projected speech replaces.
     """
 
@@ -148,6 +167,7 @@ class LyraConfig(PreTrainedConfig):
     lcmr: dict | None = None
     extractor: dict | None = None
     speech_generator: dict | None = None
+    image_positions: dict | None = None
     speech_token_id: int = 151657
     tie_word_embeddings: bool = False
 
@@ -162,6 +182,7 @@ class LyraConfig(PreTrainedConfig):
         self.lcmr = _as_dict(_coerce(self.lcmr, LcmrConfig, defaults.lcmr))
         self.extractor = _as_dict(_coerce(self.extractor, ExtractorConfig, defaults.extractor))
         self.speech_generator = _as_dict(_coerce(self.speech_generator, GeneratorConfig, defaults.speech_generator))
+        self.image_positions = _as_dict(_coerce(self.image_positions, ImagePositionConfig, defaults.image_positions))
         super().__post_init__(**kwargs)
         self.tie_word_embeddings = bool(self.backbone_config.tie_word_embeddings)
 
@@ -174,6 +195,7 @@ class LyraConfig(PreTrainedConfig):
             lcmr=LcmrConfig(**self.lcmr),
             extractor=ExtractorConfig(**self.extractor),
             speech_generator=GeneratorConfig(**self.speech_generator),
+            image_positions=ImagePositionConfig(**self.image_positions),
         )
 
     @property
@@ -212,6 +234,7 @@ __all__ = [
     "SPEECH_ADAPTER",
     "ExtractorConfig",
     "GeneratorConfig",
+    "ImagePositionConfig",
     "LcmrConfig",
     "LoraAdapterConfig",
     "LyraConfig",

@@ -33,6 +33,7 @@ from lyra.extractor import is_pruning_layer, mm_attention_scores, plan_compactio
 from lyra.generator import SpeechGenerator, answer_states
 from lyra.regularizer import lcmr_loss
 from lyra.speech import SpeechProjector, keep_window_tokens
+from lyra.vision import ZERO_INIT, ImagePositions
 
 AUTO = "auto"  # adapter routing chosen from the input
 
@@ -228,6 +229,9 @@ class LyraPreTrainedModel(PreTrainedModel):
             for linear in (module.linear1, module.linear2):
                 nn.init.normal_(linear.weight, std=std)
                 nn.init.zeros_(linear.bias)
+        elif getattr(module, ZERO_INIT, False):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
         else:
             super()._init_weights(module)
 
@@ -270,6 +274,12 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         self.speech_generator = (
             SpeechGenerator(settings.speech_generator, config.text_config, config._attn_implementation)
             if settings.speech_generator.enabled else None
+        )
+        # Image-token positions as content (lyra/vision.py); None: M-RoPE alone places image tokens, as in Qwen2-VL.
+        self.image_positions = (
+            ImagePositions(settings.image_positions, config.text_config.hidden_size,
+                           config.backbone_config.vision_config.spatial_merge_size)
+            if settings.image_positions.enabled else None
         )
         self.post_init()
 
@@ -347,9 +357,13 @@ class LyraForConditionalGeneration(LyraPreTrainedModel):
         return keep_window_tokens(tokens, speech_token_counts)
 
     def encode_images(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """Images -> LLM-width tokens with the frozen Qwen2-VL vision tower and merger: (N, D)."""
+        """Images -> LLM-width tokens with the Qwen2-VL vision tower and merger (+ their positions where the model
+        has `image_positions`): (N, D)."""
         out = self.backbone.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
-        return torch.cat(out.pooler_output, dim=0)
+        tokens = torch.cat(out.pooler_output, dim=0)
+        if self.image_positions is not None:
+            tokens = tokens + self.image_positions(image_grid_thw).to(tokens.dtype)
+        return tokens
 
     def embed_inputs(
         self,

@@ -15,7 +15,7 @@ from transformers import Qwen2VLConfig, WhisperConfig
 from lyra.configuration import LyraConfig
 
 PRESETS = ("nano", "mini", "base", "pro")
-SETTINGS_KEYS = ("projector", "adapters", "lcmr", "extractor", "speech_generator")
+SETTINGS_KEYS = ("projector", "adapters", "lcmr", "extractor", "speech_generator", "image_positions")
 
 
 def preset_path(name: str) -> Path:
@@ -40,7 +40,7 @@ def read_preset(name_or_path: str | Path) -> dict:
 
 
 def config_from_dict(data: dict, **overrides) -> LyraConfig:
-    """Build a `LyraConfig` from a preset mapping; `overrides` replace projector/adapters/lcmr/extractor."""
+    """Build a `LyraConfig` from a preset mapping; `overrides` replace any of SETTINGS_KEYS."""
     backbone = data["backbone"]
     text = dict(backbone["text"])
     backbone_config = Qwen2VLConfig(

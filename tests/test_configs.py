@@ -105,7 +105,7 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
     ("stage: 0\ndata: {drawn_images: -4}\n", r"data.drawn_images .* 0 or more, got -4"),
     ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: {colour: 1}}\n", r"unknown question kind\(s\) \['colour'\]"),
     ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: {color: 0}}\n", "at least one is above 0"),
-    ("stage: 0\ndata: {text_needles: 10, drawn_kinds: {color: 1}}\n", "set data.drawn_images"),
+    ("stage: 0\ndata: {text_needles: 10, drawn_kinds: {color: 1}}\n", "set one of them to the number of drawings"),
     ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: [color]}\n", "drawn_kinds: expected a mapping"),
     ("stage: 0\ndata: {drawn_cells: 100, text_needles: 4}\n", "drawn_cells is stage 0's vision-tower pass"),
     ("stage: 0\ndata: {text_needles: 10, needle_facts: [3, 2]}\n", r"needle_facts .* got \[3, 2\]"),
@@ -116,6 +116,8 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
      "reset_vision replaces the vision tower of model.init_from"),
     ("stage: 0\nmodel: {continue_stage: true}\ndata: {text_needles: 10}\n",
      "continue_stage carries on from the run in model.init_from"),
+    ("stage: 0\nmodel: {image_positions: true}\ndata: {text_needles: 10}\n",
+     "image_positions adds image-token positions to the model in model.init_from"),
 ]
 
 

@@ -196,13 +196,29 @@ def test_stage0_tower_pass_trains_a_fresh_tower_alone(workspace):
     assert all(not torch.equal(p, now[n]) for n, p in base.items() if n.startswith(visual) and p.dim() > 1)  # fresh
     curve = losses(result)
     assert len(curve) == 6 and curve[-1] < curve[0] - 0.5, curve
-    assert set(result.held_out) == {"kind_accuracy", "color_accuracy"}
+    assert set(result.held_out) == {"kind_accuracy", "color_accuracy", "word_accuracy"}
     assert all(0 <= v <= 1 for v in result.held_out.values())
     reloaded = dict(load_pretrained(result.output_dir, attn_implementation="eager").model.named_parameters())
     for name, p in now.items():
         torch.testing.assert_close(reloaded[name], p, rtol=0, atol=0)
     summary = json.loads((result.output_dir / "train_summary.json").read_text())
     assert summary["global_step"] == 6 and summary["held_out"] == result.held_out
+
+
+def test_drawn_cells_follow_the_kinds_and_label_words(workspace):
+    from lyra.training.tower import DrawnCells, TowerHeads, collate_cells
+
+    processor = load_pretrained(workspace["base"]).processor
+    words = DrawnCells(6, processor, seed=1, kinds={"word": 1})
+    shapes = DrawnCells(6, processor, seed=1, kinds={"count_all": 1})
+    assert all(words[i]["words"].any() for i in range(6))  # every drawing holds a word, read on its cells
+    assert not any(shapes[i]["words"].any() for i in range(6))
+    model = load_pretrained(workspace["base"]).model
+    heads = TowerHeads(model.visual, model.config.backbone_config.vision_config.hidden_size)
+    batch = collate_cells([words[i] for i in range(3)])
+    with_words = heads(**batch)["loss"]
+    without = heads(**{k: v for k, v in batch.items() if k != "words"})["loss"]
+    assert with_words > without  # the word head's loss is part of it where the drawings hold words
 
 
 def test_stage0_tower_pass_resumes(workspace):
@@ -234,6 +250,16 @@ def test_fresh_vision_takes_the_presets_shape(workspace, tmp_path):
     (tmp_path / "narrow.yaml").write_text(yaml.safe_dump(preset))
     with pytest.raises(ValueError, match="width 32"):
         with_fresh_vision(model, str(tmp_path / "narrow.yaml"))
+
+
+def test_stage0_gives_an_earlier_model_image_positions_and_trains_them(workspace):
+    result = run_stage(workspace, 0, "stage0_positions", **{"model.init_from": str(workspace["base"]),
+                                                            "model.image_positions": True})
+    trained = result.model.image_positions
+    assert trained is not None and trained.proj.weight.any()  # they start at zero: the image questions moved them
+    loaded = load_pretrained(result.output_dir).model
+    assert loaded.config.settings.image_positions.enabled
+    assert torch.equal(loaded.image_positions.proj.weight, trained.proj.weight)
 
 
 def test_stage1_trains_only_the_speech_projector(workspace):

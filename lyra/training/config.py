@@ -52,6 +52,7 @@ class ModelSource:
     speech_encoder: str = "whisper-tiny.en"  # fresh builds: "whisper-tiny.en" (lyra.assets), a Whisper folder, or "random"
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
     reset_vision: bool = False  # init_from runs: replace its vision tower by a fresh one of the preset's shape
+    image_positions: bool = False  # init_from runs: give a model without image-token positions fresh ones (lyra/vision.py)
     # init_from is an earlier run of this same stage (a curriculum: short talks, then longer lectures): keep what it
     # trained instead of starting the stage's projector again from another (stage 3: long_speech from speech)
     continue_stage: bool = False
@@ -80,8 +81,8 @@ class DataConfig:
     needle_questions: int = 1  # facts of a passage asked, one per turn (at most the passage's facts)
     needle_answers: str = "short"  # "short": the answer alone ("attic"); "sentence": the fact said whole
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
-    drawn_kinds: dict[str, float] = field(default_factory=dict)  # drawn_images' question kinds -> weight ("describe"
-    # included); empty: every other image described, the rest one of the data builder's kinds at random
+    drawn_kinds: dict[str, float] = field(default_factory=dict)  # drawn_images' (or drawn_cells') question kinds ->
+    # weight ("describe" included); empty: every other image described, the rest one of the data builder's kinds
     drawn_cells: int = 0  # stage 0's vision-tower pass: drawings labelled per cell; trains the tower alone (tower.py)
     text_seed: int = 0  # seed of those conversations and images
     cache_speech: bool = True  # encode every clip once with the frozen speech encoder and keep its frames in RAM
@@ -176,6 +177,9 @@ class TrainConfig:
         if self.model.continue_stage and self.model.init_from is None:
             raise TrainConfigError("model.continue_stage carries on from the run in model.init_from: set init_from to "
                                    "the output folder of an earlier run of this stage")
+        if self.model.image_positions and self.model.init_from is None:
+            raise TrainConfigError("model.image_positions adds image-token positions to the model in model.init_from; a "
+                                   "fresh build takes them from its preset (image_positions: {enabled: true})")
         if self.model.reset_vision and self.model.init_from is None:
             raise TrainConfigError("model.reset_vision replaces the vision tower of model.init_from; a fresh build "
                                    "(no init_from) has a fresh tower already")
@@ -227,9 +231,9 @@ def _check_drawn_kinds(data: DataConfig) -> None:
     if any(w < 0 for w in data.drawn_kinds.values()) or not sum(data.drawn_kinds.values()) > 0:
         raise TrainConfigError(f"data.drawn_kinds: weights are 0 or more and at least one is above 0, got "
                                f"{data.drawn_kinds}")
-    if not data.drawn_images:
-        raise TrainConfigError("data.drawn_kinds weights the questions of data.drawn_images: set data.drawn_images "
-                               "to the number of drawn images (or drop drawn_kinds)")
+    if not (data.drawn_images or data.drawn_cells):
+        raise TrainConfigError("data.drawn_kinds weights the drawings of data.drawn_images or data.drawn_cells: set "
+                               "one of them to the number of drawings (or drop drawn_kinds)")
 
 
 def load_train_config(path: str | Path, **overrides) -> TrainConfig:

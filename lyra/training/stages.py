@@ -2,7 +2,7 @@
 
 | stage | trains | adapter in the forward | loss |
 |---|---|---|---|
-| 0 base | LLM (embeddings, layers, norm, head) + the whole vision tower + the "speech" projector | none | CE |
+| 0 base | LLM (embeddings, layers, norm, head) + the whole vision tower (+ image positions) + the "speech" projector | none | CE |
 | 1 alignment | the "speech" projector | none | CE |
 | 2 instruction | "speech" LoRA + "speech" projector | speech | CE + lambda * LCMR |
 | 3 long speech | "long_speech" LoRA + "long_speech" projector (started from the speech projector) | long_speech | CE |
@@ -30,7 +30,7 @@ __all__ = ["STAGES", "StageSpec", "parameter_groups", "prepare_stage", "set_trai
 
 # Parameter groups a stage can train.
 LLM = "llm"  # the language model's own weights (LoRA weights excluded) and the output head
-VISION = "vision"  # the vision tower and its merger
+VISION = "vision"  # the vision tower, its merger and the image-token positions (lyra/vision.py) where the model has them
 GENERATOR = "generator"  # the CTC speech generator
 
 
@@ -74,7 +74,7 @@ def parameter_groups(model: LyraForConditionalGeneration, group: str) -> Iterato
         yield from ((n, p) for n, p in named
                     if (n.startswith(llm_prefix) and ".lora_" not in n) or n.startswith("backbone.lm_head."))
     elif group == VISION:
-        yield from ((n, p) for n, p in named if n.startswith("backbone.model.visual."))
+        yield from ((n, p) for n, p in named if n.startswith(("backbone.model.visual.", "image_positions.")))
     elif group == GENERATOR:
         if model.speech_generator is None:
             raise KeyError("this model has no speech generator (speech_generator.enabled is false in its config)")

@@ -23,7 +23,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
-from lyra.configuration import LyraConfig
+from lyra.configuration import ImagePositionConfig, LyraConfig
 from lyra.data.collator import LyraCollator
 from lyra.modeling import LyraForConditionalGeneration, read_whisper_encoder_state
 from lyra.processing import LyraProcessor
@@ -32,7 +32,7 @@ from lyra.training.data import TrainCollator, build_train_dataset, encoder_frame
 from lyra.training.stages import STAGES, StageSpec, prepare_stage
 
 __all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "match_vocoder_units", "train",
-           "training_arguments", "with_fresh_vision", "write_summary"]
+           "training_arguments", "with_fresh_vision", "with_image_positions", "write_summary"]
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,11 @@ def build_model(config: TrainConfig) -> tuple[LyraForConditionalGeneration, Lyra
 
         loaded = load_pretrained(source.init_from, attn_implementation=source.attn_implementation)
         model = loaded.model.float()
-        return (with_fresh_vision(model, source.preset) if source.reset_vision else model), loaded.processor
+        if source.reset_vision:
+            model = with_fresh_vision(model, source.preset)
+        if source.image_positions:
+            model = with_image_positions(model)
+        return model, loaded.processor
     from lyra.presets import build_config
 
     model_config: LyraConfig = build_config(source.preset)
@@ -191,12 +195,27 @@ def with_fresh_vision(model: LyraForConditionalGeneration, preset: str) -> LyraF
                          f"{model.config.backbone_config.text_config.hidden_size}")
     config = copy.deepcopy(model.config)
     config.backbone_config.vision_config = copy.deepcopy(vision)
-    fresh = LyraForConditionalGeneration(config)
-    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("backbone.model.visual.")}
-    missing, unexpected = fresh.load_state_dict(kept, strict=False)
-    if unexpected or any(not k.startswith("backbone.model.visual.") for k in missing):
-        raise RuntimeError(f"rebuilding with a fresh vision tower lost weights: {missing} {unexpected}")
-    return fresh
+    return _rebuilt(model, config, fresh="backbone.model.visual.", what="a fresh vision tower")
+
+
+def with_image_positions(model: LyraForConditionalGeneration) -> LyraForConditionalGeneration:
+    """A copy of `model` with image-token positions (lyra/vision.py), which start at zero: the copy answers as
+    `model` does until they are trained. A model that has them already is returned as it is."""
+    if model.image_positions is not None:
+        return model
+    config = model.config.with_settings(image_positions=ImagePositionConfig(enabled=True))
+    return _rebuilt(model, config, fresh="image_positions.", what="image positions")
+
+
+def _rebuilt(model: LyraForConditionalGeneration, config: LyraConfig, fresh: str, what: str
+             ) -> LyraForConditionalGeneration:
+    """`config`'s model with every weight of `model` except those under `fresh`, which start new."""
+    rebuilt = LyraForConditionalGeneration(config)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith(fresh)}
+    missing, unexpected = rebuilt.load_state_dict(kept, strict=False)
+    if unexpected or any(not k.startswith(fresh) for k in missing):
+        raise RuntimeError(f"rebuilding with {what} lost weights: {missing} {unexpected}")
+    return rebuilt
 
 
 def _tokenizer_folder(name: str, output_dir: Path) -> Path:
