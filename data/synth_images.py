@@ -17,8 +17,9 @@ import numpy as np
 from lyra.data.corpus import number_words
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "DRAWN_KINDS", "IMAGE_COLORS", "QUESTION_KINDS", "SHAPES",
-           "DrawnItem", "ImageQA", "cell_labels", "describe", "make_image_qa", "vocabulary_words"]
+__all__ = ["CELL_COLORS", "CELL_KINDS", "DESCRIBE_QUESTION", "DRAWN_KINDS", "IMAGE_COLORS", "PRINTED_WORDS",
+           "QUESTION_KINDS", "SHAPES",
+           "DrawnItem", "ImageQA", "cell_labels", "cell_words", "describe", "make_image_qa", "vocabulary_words"]
 
 IMAGE_SIZE = 224  # pixels per side: 8 x 8 = 64 image tokens after Qwen2-VL's 14-pixel patches and 2 x 2 merge
 SHAPES = (
@@ -326,6 +327,18 @@ def cell_labels(items: tuple[DrawnItem, ...] | list[DrawnItem], size: int = IMAG
         covered = counts.sum(1) >= MIN_CELL_COVER * side * side / 28 ** 2
         masks.append(np.where(covered, counts.argmax(1), 0).tolist())
     return masks[0], masks[1]
+
+
+def cell_words(items: tuple[DrawnItem, ...] | list[DrawnItem], kinds: list[int]) -> list[int]:
+    """Which printed word each cell shows: 1 + its index in ``PRINTED_WORDS`` where ``kinds`` (``cell_labels``)
+    says the cell holds a word, else 0. A drawing holds at most one word, so a cell showing "la" of "lamp" is
+    labelled "lamp": the tower learns to read the word across its cells."""
+    words = [item.text for item in items if item.kind == "word"]
+    if len(words) > 1:
+        raise ValueError(f"cell_words takes drawings with at most one word, got {words}")
+    label = 1 + PRINTED_WORDS.index(words[0]) if words else 0
+    word_kind = CELL_KINDS.index("word")
+    return [label if k == word_kind else 0 for k in kinds]
 
 
 def _regular(x: float, y: float, r: float, n: int, start_deg: float) -> list[tuple[float, float]]:

@@ -196,6 +196,21 @@ def test_cell_labels_follow_the_drawing():
         cell_labels([circle], cells=5)
 
 
+def test_cell_words_name_the_word_on_its_cells_only():
+    from lyra.data.synth_images import CELL_KINDS, PRINTED_WORDS, DrawnItem, cell_labels, cell_words
+
+    circle = DrawnItem("circle", "red", 28 * 5 + 14, 28 * 2 + 14, 20)
+    word = DrawnItem("word", "blue", 60, 196, 36, "lamp")
+    kinds, _ = cell_labels([circle, word])
+    words = cell_words([circle, word], kinds)
+    lamp = 1 + PRINTED_WORDS.index("lamp")
+    assert {i for i, w in enumerate(words) if w} == {i for i, k in enumerate(kinds) if k == CELL_KINDS.index("word")}
+    assert set(words) == {0, lamp}
+    assert set(cell_words([circle], cell_labels([circle])[0])) == {0}  # no word drawn: nothing to read
+    with pytest.raises(ValueError, match="at most one word"):
+        cell_words([word, word], kinds)
+
+
 # ---------------------------------------------------------------------- speech
 
 
