@@ -150,7 +150,8 @@ class LyraConfig(PreTrainedConfig):
         backbone_config: the Qwen2-VL config (vision tower + LLM), dict or `Qwen2VLConfig`.
         speech_config: the Whisper config whose encoder is the speech tower, dict or `WhisperConfig`.
         projector, adapters, lcmr, extractor, speech_generator, image_positions: dicts (or the dataclasses above)
-            for Lyra's own parts (not named "generator": transformers takes a config attribute of that name for a text config).
+            for Lyra's own parts (not named "generator": transformers takes a config attribute of that name for a
+            text config).
         speech_token_id: id of `<|speech_pad|>`, the placeholder projected speech replaces.
     """
 

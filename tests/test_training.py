@@ -260,6 +260,16 @@ def test_stage0_gives_an_earlier_model_image_positions_and_trains_them(workspace
     loaded = load_pretrained(result.output_dir).model
     assert loaded.config.settings.image_positions.enabled
     assert torch.equal(loaded.image_positions.proj.weight, trained.proj.weight)
+    # optim.positions_lr: a group of their own at that rate; the rest of the model at the stage's
+    faster = run_stage(workspace, 0, "stage0_positions_lr", **{"model.init_from": str(workspace["base"]),
+                                                               "model.image_positions": True,
+                                                               "optim.positions_lr": 0.03})
+    grown = faster.model.image_positions.proj.weight.abs().mean() / trained.proj.weight.abs().mean()
+    assert grown > 3, float(grown)  # ten times the rate (3e-3): Adam's steps are ten times as long
+    llm = "backbone.model.language_model.layers.0.mlp.down_proj.base_layer.weight"
+    base = dict(load_pretrained(workspace["base"]).model.named_parameters())[llm]
+    moved = [(dict(r.model.named_parameters())[llm] - base).abs().mean() for r in (result, faster)]
+    assert 0.5 < moved[1] / moved[0] < 2, moved  # the LLM keeps the stage's rate
 
 
 def test_stage1_trains_only_the_speech_projector(workspace):

@@ -2,7 +2,7 @@
 
 | stage | trains | adapter in the forward | loss |
 |---|---|---|---|
-| 0 base | LLM (embeddings, layers, norm, head) + the whole vision tower (+ image positions) + the "speech" projector | none | CE |
+| 0 base | LLM (embeddings, layers, norm, head) + vision tower (+ image positions) + "speech" projector | none | CE |
 | 1 alignment | the "speech" projector | none | CE |
 | 2 instruction | "speech" LoRA + "speech" projector | speech | CE + lambda * LCMR |
 | 3 long speech | "long_speech" LoRA + "long_speech" projector (started from the speech projector) | long_speech | CE |
@@ -30,7 +30,7 @@ __all__ = ["STAGES", "StageSpec", "parameter_groups", "prepare_stage", "set_trai
 
 # Parameter groups a stage can train.
 LLM = "llm"  # the language model's own weights (LoRA weights excluded) and the output head
-VISION = "vision"  # the vision tower, its merger and the image-token positions (lyra/vision.py) where the model has them
+VISION = "vision"  # the vision tower, its merger and the image-token positions (lyra/vision.py) where there are any
 GENERATOR = "generator"  # the CTC speech generator
 
 

@@ -5,10 +5,10 @@
 Only the vision tower (and its merger) trains. Each image is drawn for the run (`lyra.data.synth_images`), and
 every merged image token is asked three things through throw-away linear heads: what covers its cell (background,
 one of the seven shapes, or a printed word), in which colour (`cell_labels`) and, on a word's cells, which word
-(`cell_words`: without it the tower's tokens name the word 11% of the time, chance 2%; docs/nano.md, run 9). Through the LLM a tower from
-random weights learns colours quickly but shapes barely: a one-word or one-sentence answer gives one signal per
-image, these labels 64 (docs/nano.md, run 4). The heads are dropped afterwards; the model folder written is the
-whole Lyra model with the trained tower.
+(`cell_words`; without that head the tokens named the word 11% of the time, chance 2%: docs/nano.md, run 9).
+Through the LLM a tower from random weights learns colours quickly but shapes barely: a one-word or one-sentence
+answer gives one signal per image, these labels 64 (docs/nano.md, run 4). The heads are dropped afterwards; the
+model folder written is the whole Lyra model with the trained tower.
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ __all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "matc
 
 log = logging.getLogger(__name__)
 
+POSITIONS = "image_positions."  # parameter names of the image-token positions (optim.positions_lr)
+
 TRAIN_CONFIG_FILE = "train_config.yaml"  # the run's config, written next to the model
 SUMMARY_FILE = "train_summary.json"  # steps, time, losses
 TOKENIZER_DIR = "tokenizer"  # fresh builds: the tokenizer made for this run, under the output folder
@@ -48,9 +50,10 @@ class LyraTrainer(Trainer):
 
     loss_is_scaled_for_ga = False  # our loss is a per-batch mean: let the Trainer divide by accumulation steps
 
-    def __init__(self, *args, stage: StageSpec, **kwargs):
+    def __init__(self, *args, stage: StageSpec, positions_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.stage = stage
+        self.positions_lr = positions_lr
         self._parts: dict[str, torch.Tensor] = {}
         self._part_counts: dict[str, int] = {}
 
@@ -68,6 +71,21 @@ class LyraTrainer(Trainer):
                 self._parts[key] = self._parts.get(key, 0.0) + value.detach().float()
                 self._part_counts[key] = self._part_counts.get(key, 0) + 1
         return (loss, out) if return_outputs else loss
+
+    def create_optimizer(self, model=None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer; with `positions_lr` the image-token positions move to a group of their own at
+        that rate (without weight decay). The scheduler, made afterwards, scales every group alike."""
+        optimizer = super().create_optimizer(model)
+        model = self.model if model is None else model
+        chosen = {id(p) for n, p in model.named_parameters() if n.startswith(POSITIONS) and p.requires_grad}
+        if self.positions_lr is None or not chosen:
+            return optimizer
+        moved = []
+        for group in optimizer.param_groups:
+            moved += [p for p in group["params"] if id(p) in chosen]
+            group["params"] = [p for p in group["params"] if id(p) not in chosen]
+        optimizer.add_param_group({"params": moved, "lr": self.positions_lr, "weight_decay": 0.0})
+        return optimizer
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the stage's loss only (no logits are gathered)."""
@@ -289,7 +307,7 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     collator = TrainCollator(LyraCollator.for_processor(processor), frames=cache,
                              k=model.config.settings.projector.k, lcmr=lcmr)
     trainer = LyraTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                          processing_class=processor, stage=spec)
+                          processing_class=processor, stage=spec, positions_lr=config.optim.positions_lr)
     start = time.perf_counter()
     with encoder_frames_given(model) if cache else contextlib.nullcontext():
         trainer.train(resume_from_checkpoint=checkpoint)
