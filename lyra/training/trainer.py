@@ -78,13 +78,13 @@ class LyraTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         model = self.model if model is None else model
         chosen = {id(p) for n, p in model.named_parameters() if n.startswith(POSITIONS) and p.requires_grad}
-        if self.positions_lr is None or not chosen:
+        if self.positions_lr is None or not chosen or any(g.get("name") == POSITIONS for g in optimizer.param_groups):
             return optimizer
         moved = []
         for group in optimizer.param_groups:
             moved += [p for p in group["params"] if id(p) in chosen]
             group["params"] = [p for p in group["params"] if id(p) not in chosen]
-        optimizer.add_param_group({"params": moved, "lr": self.positions_lr, "weight_decay": 0.0})
+        optimizer.add_param_group({"params": moved, "lr": self.positions_lr, "weight_decay": 0.0, "name": POSITIONS})
         return optimizer
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
