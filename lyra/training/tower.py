@@ -103,8 +103,9 @@ class TowerHeads(nn.Module):
                "word_logits": self.word_head(tokens)}
         if kinds is not None and colors is not None:
             out["loss"] = F.cross_entropy(out["kind_logits"], kinds) + F.cross_entropy(out["color_logits"], colors)
-            if words is not None and bool((words > 0).any()):
-                out["loss"] = out["loss"] + F.cross_entropy(out["word_logits"][words > 0], words[words > 0])
+            on_word = words > 0 if words is not None else None
+            if on_word is not None and bool(on_word.any()):
+                out["loss"] = out["loss"] + F.cross_entropy(out["word_logits"][on_word], words[on_word])
         return out
 
 

@@ -76,9 +76,11 @@ class LyraTrainer(Trainer):
         """The Trainer's optimizer; with `positions_lr` the image-token positions move to a group of their own at
         that rate (without weight decay). The scheduler, made afterwards, scales every group alike."""
         optimizer = super().create_optimizer(model)
+        if self.positions_lr is None or any(g.get("name") == POSITIONS for g in optimizer.param_groups):
+            return optimizer
         model = self.model if model is None else model
         chosen = {id(p) for n, p in model.named_parameters() if n.startswith(POSITIONS) and p.requires_grad}
-        if self.positions_lr is None or not chosen or any(g.get("name") == POSITIONS for g in optimizer.param_groups):
+        if not chosen:
             return optimizer
         moved = []
         for group in optimizer.param_groups:
