@@ -110,6 +110,8 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
     ("stage: 0\ndata: {drawn_cells: 100, text_needles: 4}\n", "drawn_cells is stage 0's vision-tower pass"),
     ("stage: 0\ndata: {text_needles: 10, needle_facts: [3, 2]}\n", r"needle_facts .* got \[3, 2\]"),
     ("stage: 0\ndata: {text_needles: 10, needle_facts: 4}\n", r"needle_facts is \[lowest, highest\].* got \[4\]"),
+    ("stage: 0\ndata: {text_needles: 10, needle_sentences: [9, 3]}\n", r"needle_sentences .* got \[9, 3\]"),
+    ("stage: 0\ndata: {text_needles: 10, needle_sentences: [-1, 3]}\n", r"needle_sentences .* got \[-1, 3\]"),
     ("stage: 0\ndata: {text_needles: 10, needle_questions: 0}\n", "needle_questions .* 1 or more, got 0"),
     ("stage: 0\ndata: {text_needles: 10, needle_answers: full}\n", r"needle_answers must be one of .* got 'full'"),
     ("stage: 0\nmodel: {reset_vision: true}\ndata: {drawn_cells: 100}\n",

@@ -121,6 +121,20 @@ def test_written_needle_drill_asks_every_fact_in_turn():
             assert f" {word.value} " in f" {answer.value[:-1]} " and answer.value[1:] in passage
 
 
+def test_written_needle_passages_as_long_as_asked():
+    import re
+
+    from lyra.training.data import NEEDLE_PASSAGE, needle_records
+
+    assert [r.conversations for r in needle_records(5, seed=4)] == \
+        [r.conversations for r in needle_records(5, seed=4, sentences=NEEDLE_PASSAGE)]
+    for lowest, highest in ((0, 0), (30, 40)):
+        for r in needle_records(12, seed=4, facts=(2, 2), sentences=(lowest, highest)):
+            passage = r.conversations[0].value.rsplit("\n", 1)[0]
+            said = len(re.findall(r"[.!?](?:\s|$)", passage))
+            assert lowest + 2 <= said <= highest + 2
+
+
 def test_drawn_image_records(tmp_path):
     from lyra.data.synth_images import DESCRIBE_QUESTION, QUESTIONS
 

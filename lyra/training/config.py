@@ -78,6 +78,8 @@ class DataConfig:
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
     needle_facts: tuple[int, ...] = (1, 3)  # facts per written needle passage: lowest, highest (6 templates)
+    needle_sentences: tuple[int, ...] = (1, 10)  # corpus sentences around a written passage's facts: lowest, highest
+    # (a 2-minute lecture says about 30, a 10-minute one 150)
     needle_questions: int = 1  # facts of a passage asked, one per turn (at most the passage's facts)
     needle_answers: str = "short"  # "short": the answer alone ("attic"); "sentence": the fact said whole
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
@@ -216,6 +218,10 @@ def _check_needles(data: DataConfig) -> None:
     if len(data.needle_facts) != 2 or not 1 <= lowest <= highest:
         raise TrainConfigError(f"data.needle_facts is [lowest, highest] facts per written passage, 1 <= lowest <= "
                                f"highest, got {list(data.needle_facts)}")
+    lowest, highest = (data.needle_sentences + (-1, -1))[:2]
+    if len(data.needle_sentences) != 2 or not 0 <= lowest <= highest:
+        raise TrainConfigError(f"data.needle_sentences is [lowest, highest] corpus sentences around a written "
+                               f"passage's facts, 0 <= lowest <= highest, got {list(data.needle_sentences)}")
     if data.needle_answers not in ANSWER_FORMS:
         raise TrainConfigError(f"data.needle_answers must be one of {ANSWER_FORMS}, got {data.needle_answers!r}")
     if data.needle_questions < 1:

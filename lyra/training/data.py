@@ -87,9 +87,10 @@ def text_records(n: int, seed: int = 0) -> list[Record]:
 
 
 def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, questions: int = 1,
-                   answers: str = "short") -> list[Record]:
-    """`n` written needle passages: corpus sentences with `facts` (lowest, highest) unique facts (the lecture
-    needles of lyra.data.lectures) at random places, then a question about one of them -> its short answer.
+                   answers: str = "short", sentences: Sequence[int] = NEEDLE_PASSAGE) -> list[Record]:
+    """`n` written needle passages: `sentences` (lowest, highest) corpus sentences with `facts` (lowest, highest)
+    unique facts (the lecture needles of lyra.data.lectures) at random places, then a question about one of them
+    -> its short answer.
 
     The skill long-speech QA needs (find the one fact a question asks about, copy its answer) learned on text,
     where contexts are cheap; stage 3 then carries it over to speech. Training-split sentences and facts only.
@@ -110,13 +111,13 @@ def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, q
     records = []
     for i in range(n):
         needles = make_needles(rng, rng.randint(*facts), "train")
-        sentences = [next(background).text for _ in range(rng.randint(*NEEDLE_PASSAGE))]
+        passage = [next(background).text for _ in range(rng.randint(*sentences))]
         for needle in needles:
-            sentences.insert(rng.randint(0, len(sentences)), needle.fact)
+            passage.insert(rng.randint(0, len(passage)), needle.fact)
         # one question: the random stream of the earlier recipe (its configs rebuild the same passages)
         asked = [rng.choice(needles)] if questions == 1 else rng.sample(needles, min(questions, len(needles)))
         said = [needle.sentence if answers == "sentence" else needle.answer for needle in asked]
-        turns = [Turn(HUMAN, " ".join(sentences) + "\n" + asked[0].question), Turn(GPT, said[0])]
+        turns = [Turn(HUMAN, " ".join(passage) + "\n" + asked[0].question), Turn(GPT, said[0])]
         for needle, answer in zip(asked[1:], said[1:]):
             turns += [Turn(HUMAN, needle.question), Turn(GPT, answer)]
         records.append(Record(id=f"needle-{seed}-{i:06d}", conversations=tuple(turns)))
@@ -285,7 +286,7 @@ def build_train_dataset(
         parts.append(ConversationDataset(text_records(config.text_corpus, config.text_seed), processor))
     if config.text_needles:
         needles = needle_records(config.text_needles, config.text_seed, config.needle_facts, config.needle_questions,
-                                 config.needle_answers)
+                                 config.needle_answers, config.needle_sentences)
         parts.append(ConversationDataset(needles, processor))
     if config.drawn_images:
         folder = Path(config.root) / DRAWN_IMAGES_DIR / str(config.text_seed)
