@@ -114,6 +114,7 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
     ("stage: 0\ndata: {text_needles: 10, needle_sentences: [-1, 3]}\n", r"needle_sentences .* got \[-1, 3\]"),
     ("stage: 0\ndata: {text_needles: 10, needle_questions: 0}\n", "needle_questions .* 1 or more, got 0"),
     ("stage: 0\ndata: {text_needles: 10, needle_answers: full}\n", r"needle_answers must be one of .* got 'full'"),
+    ("stage: 0\ndata: {drawn_images: 10, drawn_answers: long}\n", r"drawn_answers must be one of .* got 'long'"),
     ("stage: 0\nmodel: {reset_vision: true}\ndata: {drawn_cells: 100}\n",
      "reset_vision replaces the vision tower of model.init_from"),
     ("stage: 0\nmodel: {continue_stage: true}\ndata: {text_needles: 10}\n",

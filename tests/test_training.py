@@ -179,6 +179,28 @@ def test_drawn_image_records_drill_the_weighted_kinds(tmp_path):
     assert [r.conversations for r in drawn_image_records(40, tmp_path, seed=5)] == [r.conversations for r in default]
 
 
+def test_drawn_image_answers_said_whole(tmp_path):
+    from lyra.data.synth_images import DESCRIBE_QUESTION
+
+    from lyra.training.data import drawn_image_records, whole_answers
+
+    kinds = {"color": 2, "count": 1, "describe": 1}
+    short = drawn_image_records(30, tmp_path, seed=6, kinds=kinds)
+    said = drawn_image_records(30, tmp_path, seed=6, kinds=kinds, answers="sentence")
+    asked = 0
+    for s, w in zip(short, said):
+        assert s.conversations[0] == w.conversations[0] and s.image_paths() == w.image_paths()
+        if s.conversations[0].value.endswith(DESCRIBE_QUESTION):
+            assert w.conversations[1] == s.conversations[1] and not w.extra
+            continue
+        asked += 1
+        answer, sentence = s.conversations[1].value, w.conversations[1].value
+        assert sentence == w.extra["answer_sentence"] == s.extra["answer_sentence"] != answer
+        assert f" {answer} " in f" {sentence[:-1]} " and sentence.endswith(".")
+        assert whole_answers(s) == [sentence]  # the short records say it whole where a stage asks
+    assert asked >= 15
+
+
 def test_stage0_base_pass_trains_llm_vision_and_speech_projector(workspace):
     before = parameters(load_pretrained(workspace["base"]).model)  # the same seed builds the same fresh model
     result = run_stage(workspace, 0, "stage0")

@@ -85,6 +85,7 @@ class DataConfig:
     drawn_images: int = 0  # typed questions about images drawn for the run (lyra.data.synth_images), no speech
     drawn_kinds: dict[str, float] = field(default_factory=dict)  # drawn_images' (or drawn_cells') question kinds ->
     # weight ("describe" included); empty: every other image described, the rest one of the data builder's kinds
+    drawn_answers: str = "short"  # drawn_images' answers: "short" ("black") or "sentence" ("The star is black.")
     drawn_cells: int = 0  # stage 0's vision-tower pass: drawings labelled per cell; trains the tower alone (tower.py)
     text_seed: int = 0  # seed of those conversations and images
     cache_speech: bool = True  # encode every clip once with the frozen speech encoder and keep its frames in RAM
@@ -222,6 +223,8 @@ def _check_needles(data: DataConfig) -> None:
     if len(data.needle_sentences) != 2 or not 0 <= lowest <= highest:
         raise TrainConfigError(f"data.needle_sentences is [lowest, highest] corpus sentences around a written "
                                f"passage's facts, 0 <= lowest <= highest, got {list(data.needle_sentences)}")
+    if data.drawn_answers not in ANSWER_FORMS:
+        raise TrainConfigError(f"data.drawn_answers must be one of {ANSWER_FORMS}, got {data.drawn_answers!r}")
     if data.needle_answers not in ANSWER_FORMS:
         raise TrainConfigError(f"data.needle_answers must be one of {ANSWER_FORMS}, got {data.needle_answers!r}")
     if data.needle_questions < 1:

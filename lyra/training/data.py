@@ -125,7 +125,7 @@ def needle_records(n: int, seed: int = 0, facts: Sequence[int] = NEEDLE_FACTS, q
 
 
 def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = False,
-                        kinds: Mapping[str, float] | None = None) -> list[Record]:
+                        kinds: Mapping[str, float] | None = None, answers: str = "short") -> list[Record]:
     """`n` typed questions about freshly drawn images (lyra.data.synth_images): every other one asks for
     everything drawn, from the left (`describe`), the rest ask the data builder's questions.
 
@@ -137,6 +137,10 @@ def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = Fa
     `kinds` (question kind -> weight, "describe" included; `synth_images.DRAWN_KINDS`) draws each question's
     kind at those odds instead, to drill the kinds a model still gets wrong; its images carry the kind in
     their name, so they never collide with the default mixture's.
+
+    `answers="sentence"` answers each question whole ("The star is black."; the image's `answer_sentence`, also
+    kept in `extra`): the shape's name said just before its colour turns the lookup by shape into run 5's copy
+    pattern, which a one-word answer never formed (docs/nano.md, run 10).
     """
     import random
 
@@ -160,9 +164,13 @@ def drawn_image_records(n: int, folder: Path, seed: int = 0, progress: bool = Fa
             partial = path.with_suffix(".partial.png")
             qa.image.save(partial)
             os.replace(partial, path)
-        question, answer = (DESCRIBE_QUESTION, describe(qa.items)) if described else (qa.question, qa.answer)
+        if described:
+            question, answer, extra = DESCRIBE_QUESTION, describe(qa.items), {}
+        else:
+            said = qa.answer_sentence if answers == "sentence" else qa.answer
+            question, answer, extra = qa.question, said, {"answer_sentence": qa.answer_sentence}
         records.append(Record(id=stem, images=(str(path.resolve()),), conversations=(
-            Turn(HUMAN, f"{IMAGE_PLACEHOLDER}\n{question}"), Turn(GPT, answer))))
+            Turn(HUMAN, f"{IMAGE_PLACEHOLDER}\n{question}"), Turn(GPT, answer)), extra=extra))
         bar.update(1)
     bar.close()
     return records
@@ -291,7 +299,7 @@ def build_train_dataset(
     if config.drawn_images:
         folder = Path(config.root) / DRAWN_IMAGES_DIR / str(config.text_seed)
         records = drawn_image_records(config.drawn_images, folder, config.text_seed, progress=progress,
-                                      kinds=config.drawn_kinds)
+                                      kinds=config.drawn_kinds, answers=config.drawn_answers)
         parts.append(ImageQADataset(records, processor, skip_broken=config.skip_broken))
     if config.cache_speech and model is not None:
         cache_dir = None
