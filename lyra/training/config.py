@@ -223,8 +223,6 @@ def _check_needles(data: DataConfig) -> None:
     if len(data.needle_sentences) != 2 or not 0 <= lowest <= highest:
         raise TrainConfigError(f"data.needle_sentences is [lowest, highest] corpus sentences around a written "
                                f"passage's facts, 0 <= lowest <= highest, got {list(data.needle_sentences)}")
-    if data.drawn_answers not in ANSWER_FORMS:
-        raise TrainConfigError(f"data.drawn_answers must be one of {ANSWER_FORMS}, got {data.drawn_answers!r}")
     if data.needle_answers not in ANSWER_FORMS:
         raise TrainConfigError(f"data.needle_answers must be one of {ANSWER_FORMS}, got {data.needle_answers!r}")
     if data.needle_questions < 1:
@@ -233,6 +231,8 @@ def _check_needles(data: DataConfig) -> None:
 
 
 def _check_drawn_kinds(data: DataConfig) -> None:
+    if data.drawn_answers not in ANSWER_FORMS:
+        raise TrainConfigError(f"data.drawn_answers must be one of {ANSWER_FORMS}, got {data.drawn_answers!r}")
     if not data.drawn_kinds:
         return
     from lyra.data.synth_images import DRAWN_KINDS
