@@ -214,15 +214,18 @@ class TrainConfig:
         return build(TrainConfig, data, "overrides")
 
 
+def _check_range(data: DataConfig, name: str, least: int, what: str) -> None:
+    """data.<name> must be [lowest, highest] with least <= lowest <= highest."""
+    values = getattr(data, name)
+    lowest, highest = (tuple(values) + (least - 1, least - 1))[:2]
+    if len(values) != 2 or not least <= lowest <= highest:
+        raise TrainConfigError(f"data.{name} is [lowest, highest] {what}, {least} <= lowest <= highest, got "
+                               f"{list(values)}")
+
+
 def _check_needles(data: DataConfig) -> None:
-    lowest, highest = (data.needle_facts + (0, 0))[:2]
-    if len(data.needle_facts) != 2 or not 1 <= lowest <= highest:
-        raise TrainConfigError(f"data.needle_facts is [lowest, highest] facts per written passage, 1 <= lowest <= "
-                               f"highest, got {list(data.needle_facts)}")
-    lowest, highest = (data.needle_sentences + (-1, -1))[:2]
-    if len(data.needle_sentences) != 2 or not 0 <= lowest <= highest:
-        raise TrainConfigError(f"data.needle_sentences is [lowest, highest] corpus sentences around a written "
-                               f"passage's facts, 0 <= lowest <= highest, got {list(data.needle_sentences)}")
+    _check_range(data, "needle_facts", 1, "facts per written passage")
+    _check_range(data, "needle_sentences", 0, "corpus sentences around a written passage's facts")
     if data.needle_answers not in ANSWER_FORMS:
         raise TrainConfigError(f"data.needle_answers must be one of {ANSWER_FORMS}, got {data.needle_answers!r}")
     if data.needle_questions < 1:
