@@ -108,6 +108,7 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
     ("stage: 0\ndata: {text_needles: 10, drawn_kinds: {color: 1}}\n", "set one of them to the number of drawings"),
     ("stage: 0\ndata: {drawn_images: 10, drawn_kinds: [color]}\n", "drawn_kinds: expected a mapping"),
     ("stage: 0\ndata: {drawn_cells: 100, text_needles: 4}\n", "drawn_cells is stage 0's vision-tower pass"),
+    ("stage: 0\ndata: {drawn_cells: 100}\noptim: {frozen: [vision]}\n", "leave optim.frozen empty"),
     ("stage: 0\ndata: {text_needles: 10, needle_facts: [3, 2]}\n", r"needle_facts .* got \[3, 2\]"),
     ("stage: 0\ndata: {text_needles: 10, needle_facts: 4}\n", r"needle_facts is \[lowest, highest\].* got \[4\]"),
     ("stage: 0\ndata: {text_needles: 10, needle_sentences: [9, 3]}\n", r"needle_sentences .* got \[9, 3\]"),

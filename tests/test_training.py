@@ -20,6 +20,7 @@ from training_data import build_smoke_data
 
 from lyra.pretrained import load_pretrained
 from lyra.training import load_train_config
+from lyra.training.config import TrainConfigError
 from lyra.training.data import FrameCachedDataset, TrainCollator, encoder_frames_given, load_frames, speech_key
 from lyra.training.trainer import build_model, train
 
@@ -306,6 +307,20 @@ def test_stage0_gives_an_earlier_model_image_positions_and_trains_them(workspace
     base = dict(load_pretrained(workspace["base"]).model.named_parameters())[llm]
     moved = [(dict(r.model.named_parameters())[llm] - base).abs().mean() for r in (result, faster)]
     assert 0.5 < moved[1] / moved[0] < 2, moved  # the LLM keeps the stage's rate
+
+
+def test_stage0_leaves_the_frozen_groups_as_they_were(workspace):
+    before = parameters(load_pretrained(workspace["base"]).model)
+    result = run_stage(workspace, 0, "stage0_frozen", **{"model.init_from": str(workspace["base"]),
+                                                         "optim.frozen": ["vision"]})
+    assert set(result.trainable) == {"llm", "projector:speech"}
+    moved = changed(before, result.model)
+    assert any(n.startswith("backbone.model.language_model.") for n in moved)
+    assert not any(n.startswith("backbone.model.visual.") for n in moved)
+    with pytest.raises(TrainConfigError, match=r"optim.frozen: stage 0 does not train \['lora:speech'\]"):
+        run_stage(workspace, 0, "stage0_bad", **{"optim.frozen": ["lora:speech"]})
+    with pytest.raises(TrainConfigError, match="would train nothing"):
+        run_stage(workspace, 1, "stage1_none", **{"optim.frozen": ["projector:speech"]})
 
 
 def test_stage1_trains_only_the_speech_projector(workspace):

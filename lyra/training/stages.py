@@ -18,15 +18,15 @@ The Whisper encoder is frozen in every stage.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
 
 from torch import nn
 
 from lyra.configuration import LONG_SPEECH_ADAPTER, SPEECH_ADAPTER
 from lyra.modeling import AUTO, LyraForConditionalGeneration
 
-__all__ = ["STAGES", "StageSpec", "parameter_groups", "prepare_stage", "set_trainable"]
+__all__ = ["STAGES", "StageSpec", "parameter_groups", "prepare_stage", "set_trainable", "without_groups"]
 
 # Parameter groups a stage can train.
 LLM = "llm"  # the language model's own weights (LoRA weights excluded) and the output head
@@ -64,6 +64,19 @@ STAGES: dict[int, StageSpec] = {
                  adapter=LONG_SPEECH_ADAPTER, init_projector_from=SPEECH_ADAPTER),
     4: StageSpec(4, "speech_generation", trains=(GENERATOR,), adapter=AUTO, objective="units"),
 }
+
+
+def without_groups(spec: StageSpec, frozen: Iterable[str]) -> StageSpec:
+    """The stage with some of its parameter groups left frozen; a ValueError names a group it does not train or a
+    stage left with nothing to train."""
+    frozen = tuple(frozen)
+    unknown = [g for g in frozen if g not in spec.trains]
+    if unknown:
+        raise ValueError(f"stage {spec.number} does not train {unknown}; it trains {list(spec.trains)}")
+    trains = tuple(g for g in spec.trains if g not in frozen)
+    if not trains:
+        raise ValueError(f"stage {spec.number} would train nothing with {list(frozen)} frozen")
+    return replace(spec, trains=trains)
 
 
 def parameter_groups(model: LyraForConditionalGeneration, group: str) -> Iterator[tuple[str, nn.Parameter]]:

@@ -29,7 +29,7 @@ from lyra.modeling import LyraForConditionalGeneration, read_whisper_encoder_sta
 from lyra.processing import LyraProcessor
 from lyra.training.config import TrainConfig, TrainConfigError
 from lyra.training.data import TrainCollator, build_train_dataset, encoder_frames_given, vocoder_folder
-from lyra.training.stages import STAGES, StageSpec, prepare_stage
+from lyra.training.stages import STAGES, StageSpec, prepare_stage, without_groups
 
 __all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "match_vocoder_units", "train",
            "training_arguments", "with_fresh_vision", "with_image_positions", "write_summary"]
@@ -283,7 +283,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
         from lyra.training.tower import train_tower
 
         return train_tower(config, resume=resume, progress=progress)
-    spec = STAGES[config.stage]
+    try:
+        spec = without_groups(STAGES[config.stage], config.optim.frozen)
+    except ValueError as exc:
+        raise TrainConfigError(f"optim.frozen: {exc}") from None
     output_dir = Path(config.run.output_dir)
     checkpoint = last_checkpoint(output_dir) if resume else None
     output_dir.mkdir(parents=True, exist_ok=True)
