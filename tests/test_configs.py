@@ -41,7 +41,8 @@ def test_every_yaml_loads(path):
         assert config.text_config.hidden_size > 0 and config.speech_config.d_model > 0
     elif k == "train":
         config = load_train_config(path)
-        assert config.stage in STAGES and (config.data.train or config.data.text_corpus or config.data.drawn_cells)
+        assert config.stage in STAGES and (config.data.train or config.data.text_corpus or config.data.drawn_images
+                                           or config.data.drawn_cells)
         if config.model.preset.endswith(".yaml"):
             assert Path(config.model.preset).is_file()
         assert config.to_dict()["stage"] == config.stage
