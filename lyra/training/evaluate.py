@@ -8,7 +8,7 @@
 | asr | asr/test_*.jsonl | word error rate, normalised as the reference does (lyra.data.metrics.wer) |
 | image_qa | image_qa/test.jsonl (spoken question), image_qa/test_typed.jsonl | accuracy |
 | needle | lectures/test.jsonl | accuracy per lecture length, extractor off and keep_rate 1 / 0.5 / 0.25, with prefill time |
-| spoken_answer | speech_gen/test.jsonl | WER of Whisper tiny.en's transcript of the spoken answer against its own text |
+| spoken_answer | speech_gen/test.jsonl | WER of Whisper tiny.en's transcript of the spoken answer against its own text (Whisper's English normaliser, lyra.data.speech_eval) |
 
 An answer counts when, normalised, it is the short answer ("attic") or the whole-sentence answer the data holds
 (an image question's `answer_sentence`; a needle's fact without its lead-in, "The blue kettle is hidden in the
@@ -308,7 +308,7 @@ def evaluate_spoken_answers(model, processor, manifest: Path, settings: EvalSett
     if not (folder / "config.json").exists():
         report.skipped.append(f"spoken_answer ({name}): no vocoder at {folder} (build it: python -m lyra.data.vocoder_recipe)")
         return
-    from lyra.data.speech_eval import WhisperTranscriber
+    from lyra.data.speech_eval import WhisperTranscriber, error_counts
 
     vocoder = load_vocoder(folder)
     transcriber = WhisperTranscriber()
@@ -319,10 +319,11 @@ def evaluate_spoken_answers(model, processor, manifest: Path, settings: EvalSett
         texts.append(answer.text)
         heard.append(transcriber(answer.audio, vocoder.sample_rate) if len(answer.audio) else "")
     if records:
-        errors = wer(texts, heard)  # normalised as for ASR; an empty text answer has no words to get wrong
-        report.rows.append(EvalRow("spoken_answer", name, "wer", errors.wer, len(records),
-                                   {"against": "the model's own text answer", "errors": errors.errors,
-                                    "words": errors.reference_words}))
+        # Whisper's English normalisation on both sides ("24%" is "twenty four percent"); an empty text answer
+        # has no words to get wrong.
+        errors, words = error_counts(texts, heard)
+        report.rows.append(EvalRow("spoken_answer", name, "wer", errors / max(words, 1), len(records),
+                                   {"against": "the model's own text answer", "errors": errors, "words": words}))
         report.examples[name] = _examples(records, texts, heard)
 
 
