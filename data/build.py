@@ -24,6 +24,7 @@ blocks, each with its own seeds (Piper's ONNX noise included), so the output doe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
@@ -128,7 +129,10 @@ class Block:
 
     @property
     def part(self) -> str:
-        return f"{self.manifest.replace('/', '__')}__{self.index:05d}.jsonl"
+        """File name of the finished block; it names what the block holds, so a build with other settings (an
+        answer voice, say) never takes a block of an earlier build for its own."""
+        digest = hashlib.sha256(json.dumps([self.items, self.seed, self.kind], sort_keys=True).encode()).hexdigest()
+        return f"{self.manifest.replace('/', '__')}__{self.index:05d}__{digest[:12]}.jsonl"
 
 
 def _seed(*parts) -> int:
@@ -240,7 +244,9 @@ def run_block(block: Block, config: BuildConfig) -> list[dict]:
     """Synthesise one block's media under ``config.out`` and return its manifest records."""
     root = config.out / block.manifest.split("/")[0]
     split = block.manifest.split("/")[1]
-    voices = Voices(piper_seed=block.seed, piper_threads=_piper_threads(config))
+    # One onnxruntime thread per process, whatever --workers is: Piper's sums round a little differently with another
+    # thread count (a sample 1 LSB apart), and the audio of a build must not depend on how many processes made it.
+    voices = Voices(piper_seed=block.seed, piper_threads=1)
     worker = {"asr": _asr, "image": _image, "lecture": _lecture, "speechgen": _speechgen}[block.kind]
     records = []
     for item in block.items:
@@ -341,10 +347,6 @@ def _speechgen(item, root: Path, split: str, voices: Voices, config: BuildConfig
     write_audio(root / target_rel, wave)
     return [{"id": item["id"], **record, "tgt_audio": target_rel, "tgt_voice": answer_voice.to_json(),
              "tgt_duration": round(len(wave) / SAMPLE_RATE, 3)}]
-
-
-def _piper_threads(config: BuildConfig) -> int:
-    return max(1, (os.cpu_count() or 1) // max(config.workers, 1))
 
 
 def selected(blocks: list[Block], only: tuple[str, ...]) -> list[Block]:
