@@ -59,12 +59,16 @@ class Voice:
     rate: Piper: length scale (1 = the voice's pace, 0.8 faster, 1.3 slower); espeak-ng: words per minute.
     pitch: espeak-ng pitch 0..99 (50 = default); unused by Piper.
     variant: espeak-ng voice variant ("m3", "f2", ...; "" = default); unused by Piper.
+    noise: Piper: sample the voice's noise (its own noise_scale and noise_w, so every rendering of a text
+        differs a little) or not (False: a text is spoken exactly the same way every time); unused by espeak-ng,
+        which is deterministic anyway.
     """
 
     engine: str
     rate: float
     pitch: int = 50
     variant: str = ""
+    noise: bool = True
 
     def __post_init__(self) -> None:
         if self.engine not in ("piper", "espeak"):
@@ -76,15 +80,17 @@ class Voice:
 
     def to_json(self) -> dict:
         if self.engine == "piper":
-            return {"engine": "piper", "length_scale": round(self.rate, 3)}
+            return {"engine": "piper", "length_scale": round(self.rate, 3), **({} if self.noise else {"noise": False})}
         return {"engine": "espeak", "wpm": int(self.rate), "pitch": self.pitch, "variant": self.variant}
 
 
 PIPER_TEST_VOICE = Voice("piper", 1.0)  # the held-out test condition: Piper at its own pace
 ESPEAK_TEST_VOICE = Voice("espeak", 175)  # espeak-ng's default en-us voice and rate
 # Spoken answers (speech-generation targets): the voice the nano vocoder learned (lyra.data.vocoder_recipe),
-# since its units only come back as words when the speech is in that voice (docs/nano.md, "Run 3").
-ANSWER_VOICE = Voice("espeak", 160)
+# since its units only come back as words when the speech is in that voice (docs/nano.md, "Run 3"). Piper without
+# its sampling noise: Whisper tiny.en understands it about twice as well as espeak-ng (docs/nano.md, "Run 8"), and
+# the same answer always gives the same units, so the speech generator learns one target per text.
+ANSWER_VOICE = Voice("piper", 1.0, noise=False)
 
 
 def sample_voice(rng: random.Random, engine: str) -> Voice:
@@ -167,7 +173,8 @@ class PiperSynthesizer:
         """Speak ``text``: (N,) float32 at 16 kHz, peak-normalised."""
         if voice.engine != "piper":
             raise ValueError(f"PiperSynthesizer got a {voice.engine} voice")
-        chunks = [c.audio_float_array for c in self.voice.synthesize(text, self._config(length_scale=voice.rate))]
+        quiet = {} if voice.noise else {"noise_scale": 0.0, "noise_w_scale": 0.0}
+        chunks = [c.audio_float_array for c in self.voice.synthesize(text, self._config(length_scale=voice.rate, **quiet))]
         if not chunks:
             raise SynthesisError(f"Piper produced no audio for {text[:60]!r}")
         return _finish(np.concatenate(chunks).astype(np.float32), self.sample_rate, text)

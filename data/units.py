@@ -2,7 +2,11 @@
 
 The reference's units are mHuBERT layer-11 k-means-1000 clusters; mHuBERT is not available offline. Here a frame
 is two consecutive 10 ms frames of Whisper's own 80-bin log-mel (the features the speech tower reads, from
-`WhisperFeatureExtractor`), standardised per dimension, and its unit is the nearest of K centroids.
+`WhisperFeatureExtractor`), standardised per dimension, and its unit is one of K centroids: the nearest, or, with
+a switch cost (the shipped vocoder's), the one on the cheapest path through the utterance, where each change of
+unit costs extra. Nearest centroids flicker between neighbouring clusters inside one sound (1.2 frames per
+collapsed unit with 512 units of Piper speech; 1.7 with the recipe's cost), and every flicker is a unit the speech
+generator would have to guess.
 
 Why log-mel and not Whisper tiny.en encoder states (measured while building the recipe, on its held-out
 espeak-ng sentences; the experiment scripts are not kept): speech rebuilt from the mean envelope of each unit was
@@ -34,6 +38,7 @@ WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's feature extractor works on 30 s w
 CENTROIDS_KEY = "kmeans.centroids"  # tensor names inside the vocoder's model.safetensors
 MEAN_KEY = "kmeans.mean"
 STD_KEY = "kmeans.std"
+SWITCH_COST_KEY = "kmeans.switch_cost"  # optional (absent: 0, plain nearest centroid)
 FEATURES_KEY = "unit_features"  # metadata key there
 FEATURES = "whisper-log-mel-2x80"  # what the centroids cluster
 
@@ -50,6 +55,27 @@ def dedup(units: Sequence[int]) -> tuple[list[int], list[int]]:
             out.append(u)
             counts.append(1)
     return out, counts
+
+
+def smooth_path(distances: torch.Tensor, switch_cost: float) -> torch.Tensor:
+    """The unit sequence (F,) minimising the summed (F, K) frame-to-centroid `distances` plus `switch_cost` per change
+    of unit (Viterbi over K states). With 0 it is the nearest centroid of each frame."""
+    if switch_cost <= 0 or distances.shape[0] < 2:
+        return distances.argmin(1)
+    n, k = distances.shape
+    states = torch.arange(k)
+    cost = distances[0].clone()
+    back = torch.empty(n, k, dtype=torch.long)
+    for t in range(1, n):
+        best, arg = cost.min(0)
+        switch = best + switch_cost < cost  # cheaper to arrive from the best unit than to stay
+        back[t] = torch.where(switch, arg, states)
+        cost = torch.where(switch, best + switch_cost, cost) + distances[t]
+    path = torch.empty(n, dtype=torch.long)
+    path[-1] = cost.argmin()
+    for t in range(n - 1, 0, -1):
+        path[t - 1] = back[t, path[t]]
+    return path
 
 
 def fit_kmeans(features: torch.Tensor, k: int, *, seed: int = 0, iterations: int = 40) -> torch.Tensor:
@@ -82,20 +108,24 @@ def fit_kmeans(features: torch.Tensor, k: int, *, seed: int = 0, iterations: int
 
 
 class UnitExtractor:
-    """20 ms log-mel frames -> nearest k-means centroid.
+    """20 ms log-mel frames -> k-means centroids, nearest or along the cheapest smooth path.
 
     Args:
         centroids: (K, 160) cluster centres of standardised features.
         mean, std: (160,) the standardisation fitted with them.
         whisper_dir: a Whisper folder for its feature extractor (default: the offline tiny.en asset).
+        switch_cost: what a change of unit between two frames costs, in squared standardised distance (0: each
+            frame takes its nearest centroid). Frames near a cluster border otherwise flicker between two units,
+            which makes the collapsed sequence long and the speech generator's target noisy.
     """
 
     def __init__(self, centroids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                 whisper_dir: str | Path | None = None):
+                 whisper_dir: str | Path | None = None, switch_cost: float = 0.0):
         self.feature_extractor = feature_extractor(whisper_dir)
         self.centroids = centroids.float()
         self.mean = mean.float()
         self.std = std.float()
+        self.switch_cost = float(switch_cost)
         width = 2 * self.feature_extractor.feature_size
         if self.centroids.shape[1] != width or self.mean.shape != (width,) or self.std.shape != (width,):
             raise ValueError(f"unit centroids and standardisation must be {width} wide (two {width // 2}-bin mel frames)")
@@ -123,15 +153,20 @@ class UnitExtractor:
             if kind != FEATURES:
                 raise ValueError(f"{path}: its units cluster {kind!r} features, this extractor computes {FEATURES!r}")
             tensors = [f.get_tensor(k).float() for k in (CENTROIDS_KEY, MEAN_KEY, STD_KEY)]
-        return cls(*tensors, whisper_dir)
+            switch_cost = float(f.get_tensor(SWITCH_COST_KEY).float()) if SWITCH_COST_KEY in stored else 0.0
+        return cls(*tensors, whisper_dir, switch_cost=switch_cost)
 
     def features(self, samples: np.ndarray) -> torch.Tensor:
         """16 kHz mono audio (N,) -> (ceil(N / 320), 160) raw features: pairs of Whisper log-mel frames."""
         return log_mel_frames(self.feature_extractor, samples)
 
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(F, 160) raw features -> (F, K) squared distances to the centroids (standardised)."""
+        return torch.cdist((features.float() - self.mean) / self.std, self.centroids) ** 2
+
     def assign(self, features: torch.Tensor) -> torch.Tensor:
-        """(F, 160) raw features -> (F,) nearest centroid."""
-        return torch.cdist((features.float() - self.mean) / self.std, self.centroids).argmin(1)
+        """(F, 160) raw features of one utterance -> (F,) units: the nearest centroids, smoothed by `switch_cost`."""
+        return smooth_path(self.distances(features), self.switch_cost)
 
     def frame_units(self, samples: np.ndarray) -> torch.Tensor:
         """One unit per 20 ms frame, (ceil(N / 320),)."""
@@ -166,6 +201,6 @@ def log_mel_frames(extractor, samples: np.ndarray) -> torch.Tensor:
 
 
 __all__ = [
-    "CENTROIDS_KEY", "FEATURES", "FEATURES_KEY", "FRAME_SAMPLES", "MEAN_KEY", "STD_KEY",
-    "UnitExtractor", "dedup", "feature_extractor", "fit_kmeans", "log_mel_frames",
+    "CENTROIDS_KEY", "FEATURES", "FEATURES_KEY", "FRAME_SAMPLES", "MEAN_KEY", "STD_KEY", "SWITCH_COST_KEY",
+    "UnitExtractor", "dedup", "feature_extractor", "fit_kmeans", "log_mel_frames", "smooth_path",
 ]

@@ -2,16 +2,20 @@
 
     python -m lyra.data.vocoder_recipe --out lyra/checkpoints/nano_vocoder
 
-1. Speech: template sentences in one voice (`--voice`: by default the spoken answers' `ANSWER_VOICE`, espeak-ng
-   en-us at 160 words per minute; or the Piper voice at a length scale), resampled to 16 kHz.
+1. Speech: sentences of the nano corpus (the words the model answers with: `lyra.data.corpus`, training split)
+   and answers to drawn-image questions ("The circle is red."), in one voice (`--voice`: by default the spoken
+   answers' `ANSWER_VOICE`, Piper without its sampling noise; or espeak-ng, or Piper with noise), at 16 kHz.
 2. Units: 20 ms log-mel frames (pairs of Whisper's 10 ms frames, standardised) of the training speech,
-   k-means (seeded); see lyra/data/units.py for why log-mel.
+   k-means (seeded), assigned along the cheapest path with a cost per change of unit (`--switch-cost`, in mean
+   squared distances of a frame to its nearest centroid), so that runs do not flicker; see lyra/data/units.py.
 3. Targets: per 10 ms, the spectral envelope (band powers) and voicing degree of the real audio
    (`NanoVocoder.analyze`); per collapsed unit, its run length in frames.
 4. Training: the envelope stack (L1 on log band power + BCE on voicing) on random 2.5 s crops, and the
    duration predictor (MSE on log(frames + 1)), AdamW, a few minutes each on one thread.
-5. Check: held-out sentences (other templates and words) -> units -> durations -> audio -> Whisper tiny.en,
-   word error rate against the text; the original audio is transcribed too, as the ceiling.
+5. Check: held-out sentences (other templates and words, and held-out corpus sentences and image answers) ->
+   units -> durations -> audio -> Whisper tiny.en, word error rate against the text; the original audio is
+   transcribed too, as the ceiling, and the units are rendered at their true lengths, to tell what the predicted
+   durations cost.
 
 The folder gets config.json, model.safetensors (fp16, with the k-means centroids as `kmeans.centroids`) and
 recipe.json (the settings and measured figures).
@@ -32,7 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from lyra.data.corpus import SentenceGenerator
 from lyra.data.speech_eval import WhisperTranscriber, word_error_rate
+from lyra.data.synth_images import make_image_qa
 from lyra.data.synth_speech import ANSWER_VOICE, PiperSynthesizer, Voice
 from lyra.data.units import (
     CENTROIDS_KEY,
@@ -40,6 +46,7 @@ from lyra.data.units import (
     FEATURES_KEY,
     MEAN_KEY,
     STD_KEY,
+    SWITCH_COST_KEY,
     UnitExtractor,
     dedup,
     feature_extractor,
@@ -52,23 +59,12 @@ from lyra.vocoder import EMBEDDED_VOCODER, NanoVocoder, NanoVocoderConfig
 
 SAMPLE_RATE = 16000
 VOICE = "en-us"  # espeak-ng voice
-SPEED = 160  # espeak-ng words per minute of `--voice espeak` (the shipped vocoder's and ANSWER_VOICE's)
+SPEED = 160  # espeak-ng words per minute of `--voice espeak` (the first nano vocoder's voice)
 
 # ---- sentences ---------------------------------------------------------------------------------------
-_SUBJECTS = ["the teacher", "my brother", "a young doctor", "the old farmer", "our neighbour", "the pilot",
-             "a careful driver", "the small child", "the new student", "my grandmother", "the engineer",
-             "a quiet musician", "the baker", "the captain", "her sister", "the lawyer", "a tired worker"]
-_VERBS = ["found", "carried", "painted", "opened", "borrowed", "cleaned", "repaired", "watched", "ordered",
-          "measured", "packed", "described", "dropped", "followed", "checked", "visited", "moved"]
-_OBJECTS = ["a heavy wooden box", "the yellow bicycle", "seven glass bottles", "the broken window",
-            "a map of the city", "the kitchen table", "three large apples", "an empty basket", "the silver key",
-            "a thick blue book", "the garden gate", "twelve paper cups", "the morning newspaper",
-            "a warm woollen jacket", "the front door", "a bag of rice", "the television"]
-_PLACES = ["near the station", "behind the museum", "in the village", "after lunch", "before the storm",
-           "on Monday morning", "at the market", "under the bridge", "by the river", "during the concert",
-           "in the hospital", "at midnight", "next to the school", "on the mountain", "in the harbour"]
-_EXTRAS = ["and then went home", "without saying a word", "because it was late", "while it was raining",
-           "as quickly as possible", "for the first time", "with great care", "and smiled at everyone"]
+_CORPUS_SEED = 1000  # the recipe's corpus sentences are drawn with this seed (+ the recipe's own seed)
+HELD_OUT_CORPUS = 30  # held-out corpus sentences (its test split: never in any training set) ...
+HELD_OUT_ANSWERS = 10  # ... and image answers of other drawings, for the second check
 # Held out: other templates and many other words, so the check measures units, not memorised sentences.
 HELD_OUT = [
     "Please remember to switch off the lights when you leave the office.",
@@ -94,30 +90,32 @@ HELD_OUT = [
 ]
 
 
-def training_sentences(n: int, seed: int = 0) -> list[str]:
-    """`n` distinct template sentences (deterministic for a seed)."""
-    rng = random.Random(seed)
-    out: list[str] = []
-    seen: set[str] = set()
-    while len(out) < n:
-        parts = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS), rng.choice(_PLACES)]
-        if rng.random() < 0.4:
-            parts.append(rng.choice(_EXTRAS))
-        text = " ".join(parts)
-        text = text[0].upper() + text[1:] + "."
-        if text not in seen:
-            seen.add(text)
-            out.append(text)
-    return out
+def corpus_sentences(n: int, answers: int, split: str, seed: int = 0) -> list[str]:
+    """`n` distinct sentences of the nano corpus's `split` and `answers` whole answers to drawn-image questions
+    (deterministic for a seed; another seed or split gives other sentences)."""
+    texts = [s.text for s in SentenceGenerator(_CORPUS_SEED + seed).generate(n, split)]
+    offset = 0 if split == "train" else 1 << 20
+    texts += [make_image_qa(random.Random(f"vocoder-answer-{seed}-{offset + i}")).answer_sentence for i in range(answers)]
+    return texts
 
 
 def parse_voice(spec: str) -> Voice:
-    """`espeak:160` (espeak-ng en-us, words per minute) or `piper:1.0` (the Piper voice, length scale)."""
-    engine, _, rate = spec.partition(":")
+    """`espeak:160` (espeak-ng en-us, words per minute), `piper:1.0` (the Piper voice, length scale) or
+    `piper:1.0:fixed` (the Piper voice without its sampling noise: every text spoken the same way each time)."""
+    engine, _, rest = spec.partition(":")
+    rate, _, flag = rest.partition(":")
     try:
-        return Voice(engine, float(rate or (SPEED if engine == "espeak" else 1.0)))
+        if flag not in ("", "fixed") or (flag and engine != "piper"):
+            raise ValueError(f"unknown voice option {flag!r}")
+        return Voice(engine, float(rate or (SPEED if engine == "espeak" else 1.0)), noise=flag != "fixed")
     except ValueError as exc:
-        raise ValueError(f"--voice {spec!r}: {exc} (use espeak:WPM or piper:LENGTH_SCALE)") from None
+        raise ValueError(f"--voice {spec!r}: {exc} (use espeak:WPM, piper:LENGTH_SCALE or "
+                         "piper:LENGTH_SCALE:fixed)") from None
+
+
+def voice_spec(voice: Voice) -> str:
+    """The `--voice` spelling of a voice (the inverse of `parse_voice`)."""
+    return f"{voice.engine}:{voice.rate:g}" + ("" if voice.noise or voice.engine != "piper" else ":fixed")
 
 
 class Speaker:
@@ -153,18 +151,22 @@ def espeak(text: str, *, voice: str = VOICE, speed: int = SPEED) -> np.ndarray:
 class RecipeSettings:
     """What the recipe ran with (saved to recipe.json)."""
 
-    sentences: int = 600  # training sentences (about 38 minutes of speech)
-    clusters: int = 128  # k-means units
-    seed: int = 0
+    sentences: int = 1200  # training sentences of the nano corpus (with the answers below: about 90 minutes)
+    answers: int = 400  # training answers to drawn-image questions
+    clusters: int = 512  # k-means units (a units_from run keeps that vocoder's)
+    switch_cost: float = 1.0  # cost of a change of unit, in mean squared frame-to-nearest-centroid distances
+    seed: int = 0  # seeds the sentences, k-means and training
     envelope_steps: int = 4000  # optimiser steps of the envelope stack
     duration_steps: int = 3000  # optimiser steps of the duration predictor
-    batch: int = 16
-    crop_frames: int = 128  # 2.56 s crops
-    lr: float = 2e-3
-    threads: int = 1
+    batch: int = 16  # crops (envelope) or sentences (durations) per optimiser step
+    crop_frames: int = 128  # envelope training crop, in 20 ms frames (2.56 s)
+    lr: float = 2e-3  # peak learning rate (one-cycle schedule)
+    threads: int = 1  # torch threads (Piper speaks with one)
     channels: int = 160  # envelope conv stack width
     duration_dropout: float = 0.1  # duration predictor dropout
-    voice: str = f"{ANSWER_VOICE.engine}:{ANSWER_VOICE.rate:g}"  # espeak:WPM or piper:LENGTH_SCALE
+    duration_kernel: int = 3  # duration predictor kernel (units)
+    units_from: str = ""  # a nano vocoder folder whose units to keep (no k-means): a trained generator stays valid
+    voice: str = voice_spec(ANSWER_VOICE)  # espeak:WPM, piper:LENGTH_SCALE or piper:LENGTH_SCALE:fixed
 
 
 def estimate_f0(vocoder: NanoVocoder, waves: list[np.ndarray]) -> float:
@@ -268,7 +270,7 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     torch.set_num_threads(settings.threads)
     t0 = time.time()
     speak = Speaker(parse_voice(settings.voice))
-    texts = training_sentences(settings.sentences, settings.seed)
+    texts = corpus_sentences(settings.sentences, settings.answers, "train", settings.seed)
     waves = [speak(t) for t in tqdm(texts, desc="speaking", unit="sentence", leave=False)]
     hours = sum(len(w) for w in waves) / SAMPLE_RATE / 3600
     log(f"{len(waves)} sentences, {hours * 60:.1f} min of speech ({time.time() - t0:.0f} s)")
@@ -276,14 +278,21 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     mel = feature_extractor()
     feats = [log_mel_frames(mel, w) for w in waves]
     everything = torch.cat(feats)
-    mean, std = everything.mean(0), everything.std(0) + 1e-5
     log(f"log-mel features: {len(everything)} frames ({time.time() - t0:.0f} s)")
-    centroids = fit_kmeans((everything - mean) / std, settings.clusters, seed=settings.seed)
-    extractor = UnitExtractor(centroids, mean, std)
-    log(f"k-means {settings.clusters} ({time.time() - t0:.0f} s)")
+    if settings.units_from:
+        extractor = UnitExtractor.from_pretrained(settings.units_from)
+        switch_cost = extractor.switch_cost
+        log(f"units of {settings.units_from}: {extractor.num_units}, switch cost {switch_cost:.1f}")
+    else:
+        mean, std = everything.mean(0), everything.std(0) + 1e-5
+        extractor = UnitExtractor(fit_kmeans((everything - mean) / std, settings.clusters, seed=settings.seed), mean, std)
+        nearest = float(extractor.distances(everything).min(1).values.mean())
+        extractor.switch_cost = switch_cost = settings.switch_cost * nearest
+        log(f"k-means {settings.clusters}, switch cost {switch_cost:.1f} ({time.time() - t0:.0f} s)")
 
-    probe = NanoVocoder(NanoVocoderConfig(num_units=settings.clusters, channels=settings.channels,
-                                          duration_dropout=settings.duration_dropout))
+    probe = NanoVocoder(NanoVocoderConfig(num_units=extractor.num_units, channels=settings.channels,
+                                          duration_dropout=settings.duration_dropout,
+                                          duration_kernel=settings.duration_kernel))
     f0 = round(estimate_f0(probe, waves), 1)
     config = replace(probe.config, f0=f0)
     vocoder = NanoVocoder(config)
@@ -311,17 +320,27 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     log(f"trained in {train_s:.0f} s")
 
     transcriber = WhisperTranscriber()
-    refs, original, resynth, true_dur = [], [], [], []
-    for text in HELD_OUT:
-        wave = speak(text)
-        frames = extractor.frame_units(wave)
-        units, counts = dedup(frames.tolist())
-        refs.append(text)
-        original.append(transcriber(wave))
-        resynth.append(transcriber(vocoder.synthesize(units)))
-        with torch.inference_mode():
-            audio = vocoder.synthesize_frames(frames, 0).numpy()
-        true_dur.append(transcriber(audio))
+    checks = {"held_out": HELD_OUT,
+              "held_out_corpus": corpus_sentences(HELD_OUT_CORPUS, HELD_OUT_ANSWERS, "test", settings.seed)}
+    figures, examples = {}, []
+    for name, held_out in checks.items():
+        original, resynth, true_dur = [], [], []
+        for text in tqdm(held_out, desc=name, unit="sentence", leave=False):
+            wave = speak(text)
+            frames = extractor.frame_units(wave)
+            units, counts = dedup(frames.tolist())
+            original.append(transcriber(wave))
+            resynth.append(transcriber(vocoder.synthesize(units)))
+            with torch.inference_mode():
+                audio = vocoder.synthesize_frames(frames, 0).numpy()
+            true_dur.append(transcriber(audio))
+        prefix = "wer" if name == "held_out" else f"{name}_wer"
+        figures.update({f"{name}_sentences": len(held_out),
+                        f"{prefix}_original": round(word_error_rate(held_out, original), 4),
+                        f"{prefix}_resynthesized": round(word_error_rate(held_out, resynth), 4),
+                        f"{prefix}_resynthesized_true_durations": round(word_error_rate(held_out, true_dur), 4)})
+        examples += [{"text": r, "original": o, "resynthesized": s}
+                     for r, o, s in list(zip(held_out, original, resynth))[:5]]
     report = {
         "settings": asdict(settings),
         "voice": speak.voice.to_json(),
@@ -333,28 +352,39 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
         "duration_scale": scale,
         "train_seconds": round(train_s, 1),
         "total_seconds": round(time.time() - t0, 1),
-        "held_out_sentences": len(HELD_OUT),
-        "wer_original": round(word_error_rate(refs, original), 4),
-        "wer_resynthesized": round(word_error_rate(refs, resynth), 4),
-        "wer_resynthesized_true_durations": round(word_error_rate(refs, true_dur), 4),
-        "examples": [{"text": r, "original": o, "resynthesized": s} for r, o, s in list(zip(refs, original, resynth))[:5]],
+        "switch_cost": round(switch_cost, 3),
+        **figures,
+        "examples": examples,
         "parameters": sum(p.numel() for p in vocoder.parameters()),
     }
     log(json.dumps({k: v for k, v in report.items() if k != "examples"}, indent=1))
-    vocoder.save_pretrained(out, extra={CENTROIDS_KEY: centroids, MEAN_KEY: mean, STD_KEY: std},
+    vocoder.save_pretrained(out, extra={CENTROIDS_KEY: extractor.centroids, MEAN_KEY: extractor.mean,
+                                        STD_KEY: extractor.std, SWITCH_COST_KEY: torch.tensor(switch_cost)},
                             metadata={FEATURES_KEY: FEATURES})
     (out / "recipe.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
+def _field_comments() -> dict[str, str]:
+    """RecipeSettings' field comments, as --help text."""
+    import inspect
+    import re
+
+    found = re.findall(r"^    (\w+): [^=]+= .+?  # (.+)$", inspect.getsource(RecipeSettings), re.MULTILINE)
+    return dict(found)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=EMBEDDED_VOCODER)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=EMBEDDED_VOCODER, help="vocoder folder to write")
+    comments = _field_comments()
     for f, default in asdict(RecipeSettings()).items():
+        flag, help_text = f"--{f.replace('_', '-')}", comments.get(f, "")
         if isinstance(default, bool):
-            parser.add_argument(f"--{f.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(f"--{f.replace('_', '-')}", type=type(default), default=default)
+            parser.add_argument(flag, type=type(default), default=default, help=help_text)
     args = parser.parse_args(argv)
     settings = RecipeSettings(**{f: getattr(args, f) for f in asdict(RecipeSettings())})
     build(args.out, settings)

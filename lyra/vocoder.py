@@ -186,9 +186,14 @@ class _DurationPredictor(nn.Module):
         self.dropout = dropout  # training only, after each LayerNorm (as published)
         self.conv1 = nn.Sequential(nn.Conv1d(in_dim, hidden, kernel, padding=(kernel - 1) // 2), nn.ReLU())
         self.ln1 = nn.LayerNorm(hidden)
-        self.conv2 = nn.Sequential(nn.Conv1d(hidden, hidden, kernel, padding=1), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv1d(hidden, hidden, kernel, padding=(kernel - 1) // 2), nn.ReLU())
         self.ln2 = nn.LayerNorm(hidden)
         self.proj = nn.Linear(hidden, 1)
+
+    @property
+    def radius(self) -> int:
+        """Units on each side a prediction depends on (two convs)."""
+        return 2 * ((self.conv1[0].kernel_size[0] - 1) // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, C) -> (B, T) predicted log(duration + 1)."""
@@ -250,7 +255,7 @@ class CodeHiFiGAN(nn.Module):
 
     @property
     def duration_radius(self) -> int:
-        return 2 if self.dur_predictor is not None else 0
+        return self.dur_predictor.radius if self.dur_predictor is not None else 0
 
     @torch.inference_mode()
     def durations(self, units: torch.Tensor) -> torch.Tensor:
@@ -343,6 +348,7 @@ class NanoVocoderConfig:
     kernel_size: int = 3  # conv stack kernel (frames)
     dilations: tuple[int, ...] = (1, 2, 4, 1)  # residual convs of the stack
     duration_channels: int = 64  # duration predictor width
+    duration_kernel: int = 3  # duration predictor kernel (units); it sees (kernel - 1) units on each side
     duration_dropout: float = 0.5  # duration predictor dropout (training only)
     duration_scale: float = 1.0  # predicted frames are scaled by this before rounding (fitted so totals match)
     n_fft: int = 512  # synthesis window (32 ms)
@@ -430,7 +436,9 @@ class NanoVocoder(nn.Module):
         self.num_units = c.num_units
         if c.samples_per_frame % c.hop:
             raise ValueError("samples_per_frame must be a multiple of hop")
-        self.duration = _DurationPredictor(c.embedding_dim, c.duration_channels, dropout=c.duration_dropout)
+        if c.duration_kernel < 1 or c.duration_kernel % 2 == 0:
+            raise ValueError(f"duration_kernel must be odd (same-length convs), got {c.duration_kernel}")
+        self.duration = _DurationPredictor(c.embedding_dim, c.duration_channels, c.duration_kernel, c.duration_dropout)
         self.duration_embed = nn.Embedding(c.num_units, c.embedding_dim)
         self.embed = nn.Embedding(c.num_units, c.embedding_dim)
         pad = (c.kernel_size - 1) // 2
@@ -453,7 +461,7 @@ class NanoVocoder(nn.Module):
 
     @property
     def duration_radius(self) -> int:
-        return 2
+        return self.duration.radius
 
     def predict_log_durations(self, units: torch.Tensor) -> torch.Tensor:
         """(B, N) units -> (B, N) predicted log(frames + 1)."""

@@ -40,11 +40,12 @@ def processor_for(model: LyraForConditionalGeneration) -> LyraProcessor:
     return LyraProcessor.for_model(model.config, assets.qwen2_tokenizer())
 
 
-def nano_vocoder(num_units: int | None = None, seed: int = 0) -> NanoVocoder:
-    """A randomly initialised nano vocoder (default PyTorch init; output is shaped noise, but deterministic)."""
+def nano_vocoder(num_units: int | None = None, seed: int = 0, **config) -> NanoVocoder:
+    """A randomly initialised nano vocoder (default PyTorch init; output is shaped noise, but deterministic);
+    `config` overrides other `NanoVocoderConfig` fields."""
     torch.manual_seed(seed)
     units = num_units or tiny_config().settings.speech_generator.num_units
-    return NanoVocoder(NanoVocoderConfig(num_units=units)).eval()
+    return NanoVocoder(NanoVocoderConfig(num_units=units, **config)).eval()
 
 
 def hifigan_config(num_units: int = 20, dur: bool = True) -> dict:

@@ -234,6 +234,18 @@ def test_piper_speech_is_reproducible_from_its_seed():
     assert 1.0 < len(a1) / 16000 < 4.0
 
 
+def test_piper_without_noise_speaks_a_text_the_same_way_every_time():
+    """The answer voice: one rendering per text, so a spoken answer has one unit sequence to learn."""
+    text = "The red lamp is on the table."
+    speak = PiperSynthesizer(seed=3, threads=1)
+    fixed = Voice("piper", 1.0, noise=False)
+    assert np.array_equal(speak(text, fixed), speak(text, fixed))
+    assert np.array_equal(speak(text, fixed), PiperSynthesizer(seed=5, threads=1)(text, fixed))
+    assert not np.array_equal(speak(text), speak(text))  # with noise every rendering differs
+    assert fixed.to_json() == {"engine": "piper", "length_scale": 1.0, "noise": False}
+    assert Voice("piper", 1.0).to_json() == {"engine": "piper", "length_scale": 1.0}
+
+
 # ---------------------------------------------------------------------- lectures
 
 
@@ -310,7 +322,7 @@ def test_only_builds_the_named_manifests_with_the_items_of_a_whole_build(tmp_pat
 def test_plan_includes_piper_test_conditions():
     blocks = plan(BuildConfig(out=Path("/nonexistent"), seed=0, **PRESETS["tiny"]))
     voices = {b.manifest: b.items[0]["voice"] for b in blocks if b.kind == "asr"}
-    assert voices["asr/test_piper_fast"] == {"engine": "piper", "rate": 0.8, "pitch": 50, "variant": ""}
+    assert voices["asr/test_piper_fast"] == {"engine": "piper", "rate": 0.8, "pitch": 50, "variant": "", "noise": True}
     assert voices["asr/test_piper_slow"]["rate"] == 1.3 and voices["asr/test_espeak"]["engine"] == "espeak"
     texts = {b.manifest: [i["text"] for i in b.items] for b in blocks if b.kind == "asr"}
     assert texts["asr/test_piper"] == texts["asr/test_espeak"]
@@ -330,11 +342,14 @@ def test_spoken_answers_are_in_the_vocoders_voice():
 
 
 def test_vocoder_recipe_voice_option():
-    from lyra.data.vocoder_recipe import parse_voice
+    from lyra.data.vocoder_recipe import parse_voice, voice_spec
 
     assert parse_voice("piper:0.8") == Voice("piper", 0.8)
     assert parse_voice("espeak") == Voice("espeak", 160) and parse_voice("piper") == Voice("piper", 1.0)
-    for bad in ("festival:1", "piper:9", "espeak:fast"):
+    assert parse_voice("piper:1.0:fixed") == Voice("piper", 1.0, noise=False)
+    for voice in (Voice("piper", 0.8), Voice("piper", 1.0, noise=False), Voice("espeak", 160)):
+        assert parse_voice(voice_spec(voice)) == voice
+    for bad in ("festival:1", "piper:9", "espeak:fast", "espeak:160:fixed", "piper:1:loud"):
         with pytest.raises(ValueError, match="--voice"):
             parse_voice(bad)
 
@@ -376,6 +391,21 @@ def test_changing_one_count_leaves_other_manifests_alone():
     with_long = items(asr_train_long=2)
     assert {k: v for k, v in with_long.items() if not k.startswith("asr__train")} == {
         k: v for k, v in items().items() if not k.startswith("asr__train")}
+
+
+def test_a_finished_block_is_only_reused_by_a_build_that_plans_the_same_items(monkeypatch):
+    """Blocks kept in DIR/.parts are named by what they hold: a build with another answer voice redoes the spoken
+    answers (and only them) instead of taking the old voice's audio."""
+    import lyra.data.build as build_module
+
+    def parts():
+        return {b.manifest: b.part for b in plan(BuildConfig(out=Path("/nonexistent"), seed=0, **PRESETS["tiny"]))}
+
+    before = parts()
+    monkeypatch.setattr(build_module, "ANSWER_VOICE", Voice("espeak", 123))
+    after = parts()
+    changed = {m for m in before if before[m] != after[m]}
+    assert changed == {"speech_gen/train", "speech_gen/test"}
 
 
 def test_held_out_check_ignores_image_answers_and_catches_sentence_leaks(tmp_path):

@@ -176,7 +176,7 @@ def test_presets_carry_the_reference_generator():
     size = sum(p.numel() for p in model.speech_generator.parameters())
     assert 0.40e9 < size < 0.42e9  # 2 x (attention 67M + MLP 135M) + projections
     nano = build_config("nano").settings.speech_generator
-    assert nano.enabled and nano.num_units == 128 and nano.hidden_size == 256
+    assert nano.enabled and nano.num_units == 512 and nano.hidden_size == 256
     round_trip = type(config).from_dict(config.to_dict())
     assert round_trip.settings.speech_generator == config.settings.speech_generator
 

@@ -105,8 +105,11 @@ def _border_jumps(chunks):
     return joined, jumps[borders - 1], jumps
 
 
-@pytest.mark.parametrize("make", [lambda: random_hifigan(20), lambda: nano_vocoder(128)], ids=["hifigan", "nano"])
+@pytest.mark.parametrize("make", [lambda: random_hifigan(20), lambda: nano_vocoder(128),
+                                  lambda: nano_vocoder(64, duration_kernel=9)], ids=["hifigan", "nano", "nano-wide-durations"])
 def test_chunked_synthesis_equals_offline(make):
+    """Chunks equal the offline audio, durations included: each unit's duration waits for the units within the
+    predictor's reach (8 on each side with a kernel of 9)."""
     vocoder = make()
     g = torch.Generator().manual_seed(0)
     units = torch.randint(0, vocoder.num_units, (90,), generator=g).tolist()
@@ -138,6 +141,19 @@ def test_short_lookahead_still_joins_without_clicks(make):
     assert np.sqrt(np.mean((joined - offline) ** 2)) < 0.25 * np.sqrt(np.mean(offline ** 2))
 
 
+def test_duration_predictor_reach_follows_its_kernel():
+    assert nano_vocoder(16).duration_radius == 2 and nano_vocoder(16, duration_kernel=9).duration_radius == 8
+    assert random_hifigan(20).duration_radius == 2
+    vocoder = nano_vocoder(16, duration_kernel=5)
+    units = torch.randint(0, 16, (1, 30), generator=torch.Generator().manual_seed(0))
+    changed = units.clone()
+    changed[0, 20] = (changed[0, 20] + 1) % 16
+    moved = (vocoder.predict_log_durations(units) != vocoder.predict_log_durations(changed))[0].nonzero().flatten()
+    assert moved.tolist() == list(range(16, 25))  # units 16..24: within 4 of unit 20
+    with pytest.raises(ValueError, match="odd"):
+        nano_vocoder(16, duration_kernel=4)
+
+
 def test_synthesis_state_stays_bounded():
     vocoder = nano_vocoder(128)
     synthesis = ChunkedSynthesis(vocoder, first_chunk_frames=5, chunk_frames=10)
@@ -151,6 +167,53 @@ def test_synthesis_state_stays_bounded():
     assert synthesis.state.finished and synthesis.push is not None
     with pytest.raises(RuntimeError, match="finished"):
         synthesis.push([1])
+
+
+def test_spoken_wer_normalises_as_whisper_writes():
+    """Whisper writes numbers as digits and spells titles out; the answer's words count the same either way."""
+    from lyra.data.speech_eval import error_counts, normalize_text, word_error_rate
+
+    said = "Doctor Berg says the price rose by twenty four percent in nineteen ninety three."
+    assert word_error_rate([said], ["Dr. Berg says the price rose by 24% in 1993"]) == 0.0
+    assert normalize_text("Don't stop-now!") == ["do", "not", "stop", "now"]
+    assert error_counts(["The star is black.", "two"], ["the star is block", ""]) == (2, 5)
+
+
+# ---- speech units --------------------------------------------------------------------------------------
+def _path_cost(distances, path, switch_cost):
+    return float(distances[torch.arange(len(path)), path].sum()) + switch_cost * int((path[1:] != path[:-1]).sum())
+
+
+def test_smooth_path_is_the_cheapest_path():
+    """Viterbi against every path of a small case; 0 is the nearest centroid, a huge cost one unit throughout."""
+    import itertools
+
+    from lyra.data.units import smooth_path
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        d = torch.rand(6, 3, generator=g) * 4
+        assert torch.equal(smooth_path(d, 0.0), d.argmin(1))
+        for cost in (0.5, 1.5, 3.0):
+            best = min(_path_cost(d, torch.tensor(p), cost) for p in itertools.product(range(3), repeat=6))
+            path = smooth_path(d, cost)
+            assert _path_cost(d, path, cost) == pytest.approx(best, abs=1e-5)
+        flat = smooth_path(d, 1e6)
+        assert (flat == d.sum(0).argmin()).all()
+
+
+def test_a_switch_cost_makes_runs_longer():
+    from lyra.data.units import UnitExtractor, dedup
+
+    g = torch.Generator().manual_seed(1)
+    centroids, features = torch.randn(16, 160, generator=g), torch.randn(200, 160, generator=g)
+    mean, std = torch.zeros(160), torch.ones(160)
+    runs = []
+    for cost in (0.0, 20.0, 80.0):
+        extractor = UnitExtractor.__new__(UnitExtractor)  # no feature extractor needed for assign()
+        extractor.centroids, extractor.mean, extractor.std, extractor.switch_cost = centroids, mean, std, cost
+        runs.append(len(dedup(extractor.assign(features).tolist())[0]))
+    assert runs[0] > runs[1] > runs[2] >= 1
 
 
 # ---- embedded nano vocoder -------------------------------------------------------------------------------
