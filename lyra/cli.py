@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import click
@@ -51,6 +52,10 @@ def _fail(error: Exception) -> None:
 def main(verbose: bool) -> None:
     """Lyra: a speech-centric omni-model (Qwen2-VL + Whisper) with a long-speech engine."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # transformers 5.2x renames the layers' `past_key_values` argument and warns on every call; the old name is
+        # what every 5.x release accepts, so the warning says nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r"`past_key_values` is deprecated", category=FutureWarning)
 
 
 @main.command()
