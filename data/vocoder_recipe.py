@@ -328,7 +328,7 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
         for text in tqdm(held_out, desc=name, unit="sentence", leave=False):
             wave = speak(text)
             frames = extractor.frame_units(wave)
-            units, counts = dedup(frames.tolist())
+            units, _ = dedup(frames.tolist())
             original.append(transcriber(wave))
             resynth.append(transcriber(vocoder.synthesize(units)))
             with torch.inference_mode():
