@@ -269,6 +269,8 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     torch.manual_seed(settings.seed)
     torch.set_num_threads(settings.threads)
     t0 = time.time()
+    # A vocoder whose units are kept is read first: a wrong folder fails now, not after minutes of speech.
+    kept = UnitExtractor.from_pretrained(settings.units_from) if settings.units_from else None
     speak = Speaker(parse_voice(settings.voice))
     texts = corpus_sentences(settings.sentences, settings.answers, "train", settings.seed)
     waves = [speak(t) for t in tqdm(texts, desc="speaking", unit="sentence", leave=False)]
@@ -279,8 +281,8 @@ def build(out: Path, settings: RecipeSettings, log=print) -> dict:
     feats = [log_mel_frames(mel, w) for w in waves]
     everything = torch.cat(feats)
     log(f"log-mel features: {len(everything)} frames ({time.time() - t0:.0f} s)")
-    if settings.units_from:
-        extractor = UnitExtractor.from_pretrained(settings.units_from)
+    if kept is not None:
+        extractor = kept
         switch_cost = extractor.switch_cost
         log(f"units of {settings.units_from}: {extractor.num_units}, switch cost {switch_cost:.1f}")
     else:

@@ -354,6 +354,15 @@ def test_vocoder_recipe_voice_option():
             parse_voice(bad)
 
 
+def test_vocoder_recipe_checks_the_kept_units_before_it_speaks(tmp_path):
+    from lyra.data.vocoder_recipe import RecipeSettings, build as build_vocoder
+
+    with pytest.raises(FileNotFoundError, match="nowhere/model.safetensors"):
+        build_vocoder(tmp_path / "out", RecipeSettings(units_from=str(tmp_path / "nowhere"), voice="espeak:160"),
+                      log=lambda *_: pytest.fail("the recipe started before checking --units-from"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_speechgen_image_fraction_sets_the_share_of_image_answers():
     def kinds(fraction):
         settings = dict(PRESETS["tiny"], speechgen_train=8, speechgen_image_fraction=fraction)
