@@ -85,6 +85,9 @@ class BuildConfig:
     speechgen_train: int = 500  # spoken-answer samples
     speechgen_test: int = 50
     speechgen_image_fraction: float = 0.5  # share of spoken answers to a spoken image question; the rest read aloud
+    # How the spoken image questions are answered: "sentence" ("The star is gray.") or "short" ("gray"), as a
+    # model trained with short answers to them says it (the nano model: a generator that never heard one says nothing)
+    speechgen_answers: str = "sentence"
     audio_format: str = "flac"  # "flac" or "wav" (16 kHz, 16-bit)
     use_piper: bool = True  # False: espeak-ng speaks everything and the Piper test conditions are left out
     workers: int = 1  # processes
@@ -94,6 +97,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if self.audio_format not in ("flac", "wav"):
             raise ValueError(f"audio_format must be 'flac' or 'wav', got {self.audio_format!r}")
+        if self.speechgen_answers not in ("sentence", "short"):
+            raise ValueError(f"speechgen_answers must be 'sentence' or 'short', got {self.speechgen_answers!r}")
         if self.lecture_engine not in ("piper", "espeak"):
             raise ValueError(f"lecture_engine must be 'piper' or 'espeak', got {self.lecture_engine!r}")
         for name in ("espeak_fraction", "speechgen_image_fraction"):
@@ -222,6 +227,8 @@ def plan(config: BuildConfig) -> list[Block]:
             else:
                 item.update(kind="image", seed=_seed(config.seed, "speechgen-image", split, i),
                             voice=asdict(voice(rng)) if split == "train" else test_voice)
+                if config.speechgen_answers == "short":  # (a sentence answer adds no key: earlier builds stay valid)
+                    item["answer"] = "short"
             items.append(item)
         add(f"speech_gen/{split}", "speechgen", items)
     return blocks
@@ -334,7 +341,7 @@ def _speechgen(item, root: Path, split: str, voices: Voices, config: BuildConfig
         record = {"conversations": [{"from": "human", "value": SAY_PROMPT + answer}, {"from": "gpt", "value": answer}]}
     else:
         qa = make_image_qa(random.Random(item["seed"]))
-        answer = qa.answer_sentence
+        answer = qa.answer if item.get("answer") == "short" else qa.answer_sentence
         image_rel = f"images/{split}/{item['id']}.png"
         (root / image_rel).parent.mkdir(parents=True, exist_ok=True)
         qa.image.save(root / image_rel)
@@ -517,6 +524,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--speechgen-test", type=int, default=None, help="Spoken-answer test samples.")
 @click.option("--speechgen-image-fraction", type=float, default=None,
               help="Share of spoken answers that answer a spoken image question (the rest read a sentence aloud).")
+@click.option("--speechgen-answers", type=click.Choice(["sentence", "short"]), default=None,
+              help="Spoken image questions answered with a sentence or with the answer alone (default: sentence).")
 @click.option("--espeak-fraction", type=float, default=None, help="Share of training speech spoken by espeak-ng.")
 @click.option("--audio-format", type=click.Choice(["flac", "wav"]), default=None, help="Audio file format.")
 @click.option("--no-piper", "use_piper", flag_value=False, default=None,

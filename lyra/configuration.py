@@ -101,6 +101,10 @@ class GeneratorConfig:
     intermediate_size: int = 11008  # MLP width of those layers
     num_units: int = 1000  # unit inventory (k-means clusters); the CTC blank is id num_units
     loss_weight: float = 1.0  # loss += loss_weight * CTC loss when unit targets are given
+    # Add a learned embedding of each frame's place within its token (0 .. upsample-1, starting at zero). Without
+    # it the `upsample` frames of the first answer token are equal inputs to causal layers, so they predict one
+    # thing and a one-word answer is not spoken. The reference has none (its weights load with False).
+    frame_positions: bool = False
 
     @property
     def blank(self) -> int:

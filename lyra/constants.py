@@ -28,3 +28,7 @@ TOKEN_TYPE_IMAGE = 1
 TOKEN_TYPE_VIDEO = 2
 
 IGNORE_INDEX = -100  # label value ignored by the cross-entropy
+
+# Attribute on a layer (linear or embedding) that the model's weight initialisation must leave at zero: a part
+# added to a trained model then changes nothing until training moves it.
+ZERO_INIT = "_lyra_zero_init"

@@ -5,7 +5,7 @@ LLM hidden state) is repeated `upsample` times, projected (`input_proj`), run th
 layers and projected to the units plus a CTC blank (`output_proj`); training uses CTC against the answer's speech
 units. The parameter names match the reference's `speech_generator.*` weights, so released weights load as is.
 
-Two differences from the reference:
+Differences from the reference:
 - Positions. Training reads the state at each answer token's own position (where `labels` hold the token); so
   does inference here. The reference's inference feeds the states that *predict* the answer tokens, one position
   earlier than what it was trained on.
@@ -13,6 +13,11 @@ Two differences from the reference:
   `GeneratorStream` keeps the layers' key/value cache and the last frame's prediction; each new token costs
   `upsample` frames of work. The reference re-runs the whole head over all states after every token
   (quadratic in the answer length) and emits the units past the ones it already sent.
+- Frame positions (optional, `GeneratorConfig.frame_positions`). The `upsample` copies of one state differ only
+  through what they attend to before them, and the first answer token's copies see nothing but each other: equal
+  inputs to causal layers give equal outputs, so the first token says one unit at most (the nano model lost the
+  first word of its sentences and spoke one-word answers as silence). A learned embedding of each frame's place
+  within its token, added after `input_proj`, tells the copies apart.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
 from lyra.configuration import GeneratorConfig
-from lyra.constants import IGNORE_INDEX
+from lyra.constants import IGNORE_INDEX, ZERO_INIT
 
 
 @dataclass
@@ -146,6 +151,10 @@ class SpeechGenerator(nn.Module):
         self.input_proj = nn.Linear(text_config.hidden_size, settings.hidden_size)
         self.layers = nn.ModuleList(Qwen2DecoderLayer(self.config, i) for i in range(settings.num_layers))
         self.output_proj = nn.Linear(settings.hidden_size, settings.num_units + 1)
+        self.frame_embed = None
+        if settings.frame_positions:
+            self.frame_embed = nn.Embedding(settings.upsample, settings.hidden_size)
+            setattr(self.frame_embed, ZERO_INIT, True)  # a generator gains it without changing what it says
 
     def resize_units(self, num_units: int) -> bool:
         """Give the head a fresh output layer for another unit inventory (a vocoder with `num_units` units);
@@ -187,11 +196,13 @@ class SpeechGenerator(nn.Module):
     # ---- offline -----------------------------------------------------------------------------------
     def upsample_states(
         self, states: torch.Tensor, state_mask: torch.Tensor, target_lengths: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Repeat each state `upsample` times: (B, T, D) -> frames (B, F, D) and their (B, F) mask.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Repeat each state `upsample` times: (B, T, D) -> frames (B, F, D), their (B, F) mask and each frame's
+        place within its state's copies (B, F) (0 .. upsample-1).
 
         With `target_lengths` (B,) a sample whose units outnumber its frames is stretched to as many frames
-        (states spread uniformly), as the reference does so CTC stays feasible; inference never stretches.
+        (states spread uniformly), as the reference does so CTC stays feasible; inference never stretches. A
+        stretched state's copies past `upsample` keep the last place.
         """
         counts = state_mask.sum(1)
         lengths = counts * self.upsample
@@ -202,8 +213,17 @@ class SpeechGenerator(nn.Module):
         frame_mask = t < lengths[:, None]
         index = (t * counts[:, None]) // lengths.clamp(min=1)[:, None]  # uniform assignment, exact for whole multiples
         index = index.masked_fill(~frame_mask, 0)
+        first = (index * lengths[:, None] + counts[:, None] - 1) // counts.clamp(min=1)[:, None]  # its state's first frame
+        places = (t - first).clamp(0, self.upsample - 1).masked_fill(~frame_mask, 0)
         frames = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
-        return frames.masked_fill(~frame_mask[..., None], 0.0), frame_mask
+        return frames.masked_fill(~frame_mask[..., None], 0.0), frame_mask, places
+
+    def _project(self, frames: torch.Tensor, places: torch.Tensor) -> torch.Tensor:
+        """Upsampled states (B, F, D_llm) -> the decoder's inputs (B, F, hidden), with frame positions if any."""
+        x = self.input_proj(frames.to(self.input_proj.weight.dtype))
+        if self.frame_embed is not None:
+            x = x + self.frame_embed(places)
+        return x
 
     def forward(
         self, states: torch.Tensor, state_mask: torch.Tensor | None = None, unit_targets: torch.Tensor | None = None
@@ -217,9 +237,8 @@ class SpeechGenerator(nn.Module):
         if state_mask is None:
             state_mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
         target_lengths = None if unit_targets is None else (unit_targets != IGNORE_INDEX).sum(1)
-        frames, frame_mask = self.upsample_states(states, state_mask, target_lengths)
-        x = self.input_proj(frames.to(self.input_proj.weight.dtype))
-        logits = self._decode(x, 0, None)
+        frames, frame_mask, places = self.upsample_states(states, state_mask, target_lengths)
+        logits = self._decode(self._project(frames, places), 0, None)
         loss = None
         if unit_targets is not None:
             loss = self.ctc_loss(logits, frame_mask, unit_targets, state_mask.any(1))
@@ -283,8 +302,8 @@ class SpeechGenerator(nn.Module):
         if states.shape[0] != stream.last_frame.shape[0]:
             raise ValueError(f"the stream holds {stream.last_frame.shape[0]} answers, got states for {states.shape[0]}")
         frames = states.repeat_interleave(self.upsample, dim=1)
-        x = self.input_proj(frames.to(self.input_proj.weight.dtype))
-        preds = self._decode(x, stream.frames, stream.kv).argmax(-1)
+        places = torch.arange(self.upsample, device=states.device).repeat(states.shape[1])[None]
+        preds = self._decode(self._project(frames, places), stream.frames, stream.kv).argmax(-1)
         units, stream.last_frame = ctc_collapse(preds, self.blank, stream.last_frame)
         stream.frames += preds.shape[1]
         return StreamStep(frames=preds, units=units)

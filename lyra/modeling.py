@@ -27,13 +27,13 @@ from lyra.configuration import (
     ExtractorConfig,
     LyraConfig,
 )
-from lyra.constants import IGNORE_INDEX, TOKEN_TYPE_TEXT
+from lyra.constants import IGNORE_INDEX, TOKEN_TYPE_TEXT, ZERO_INIT
 from lyra.attention import CHUNK_CAUSAL, LYRA_SDPA
 from lyra.extractor import is_pruning_layer, mm_attention_scores, plan_compaction, query_mask_for
 from lyra.generator import SpeechGenerator, answer_states
 from lyra.regularizer import lcmr_loss
 from lyra.speech import SpeechProjector, keep_window_tokens
-from lyra.vision import ZERO_INIT, ImagePositions
+from lyra.vision import ImagePositions
 
 AUTO = "auto"  # adapter routing chosen from the input
 
@@ -231,7 +231,8 @@ class LyraPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(linear.bias)
         elif getattr(module, ZERO_INIT, False):
             nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         else:
             super()._init_weights(module)
 

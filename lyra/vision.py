@@ -16,8 +16,7 @@ import torch
 from torch import nn
 
 from lyra.configuration import ImagePositionConfig
-
-ZERO_INIT = "_lyra_zero_init"  # attribute on a linear layer the model's weight initialisation must leave at zero
+from lyra.constants import ZERO_INIT
 
 
 class ImagePositions(nn.Module):

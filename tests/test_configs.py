@@ -123,6 +123,8 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
      "continue_stage carries on from the run in model.init_from"),
     ("stage: 0\nmodel: {image_positions: true}\ndata: {text_needles: 10}\n",
      "image_positions adds image-token positions to the model in model.init_from"),
+    ("stage: 0\nmodel: {frame_positions: true}\ndata: {text_needles: 10}\n",
+     "frame_positions adds frame positions to the speech generator of the model in model.init_from"),
 ]
 
 

@@ -377,6 +377,24 @@ def test_speechgen_image_fraction_sets_the_share_of_image_answers():
     assert result.exit_code == 2 and "speechgen_image_fraction must lie in [0, 1], got 2.0" in result.output
 
 
+def test_short_spoken_answers_say_the_answer_alone(tmp_path):
+    """--speechgen-answers short: the spoken image questions are answered with the word the nano model says
+    ("gray"), in the answer voice; the default keeps the sentence and the item plan of earlier builds."""
+    settings = dict(PRESETS["tiny"], speechgen_train=2, speechgen_test=0, speechgen_image_fraction=1.0,
+                    only=("speech_gen/train",))
+    sentence = plan(BuildConfig(out=tmp_path / "s", seed=4, **settings))
+    assert all("answer" not in item for b in sentence for item in b.items)
+    build(BuildConfig(out=tmp_path / "short", seed=4, speechgen_answers="short", **settings))
+    records = list(read_manifest(tmp_path / "short" / "speech_gen" / "train.jsonl"))
+    seeds = [item["seed"] for b in selected(sentence, ("speech_gen/train",)) for item in b.items]
+    for record, seed in zip(records, seeds, strict=True):
+        qa = make_image_qa(random.Random(seed))
+        assert record.conversations[-1].value == qa.answer and record.speech_asr == qa.question
+        assert record.extra["tgt_voice"] == ANSWER_VOICE.to_json() and 0.2 < record.extra["tgt_duration"] < 1.2
+    with pytest.raises(ValueError, match="speechgen_answers must be 'sentence' or 'short', got 'long'"):
+        BuildConfig(out=tmp_path, speechgen_answers="long")
+
+
 def test_multi_sentence_clips_fit_one_window(tmp_path):
     settings = dict(PRESETS["tiny"], use_piper=False, asr_train=2, asr_train_long=3, block_size=8)
     build(BuildConfig(out=tmp_path, seed=3, **settings))

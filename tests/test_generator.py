@@ -3,6 +3,7 @@ CTC collapse across chunk borders, reference sizes, and release weights imported
 
 import copy
 import json
+from dataclasses import replace
 
 import peft
 import pytest
@@ -142,6 +143,37 @@ def test_streamed_units_equal_offline_units(groups):
     assert new_units == generator.units(states[:1, :3])[0][2:]
 
 
+def test_frame_positions_let_the_first_answer_token_speak():
+    """The copies of the first state are equal inputs to causal layers: without frame positions they predict one
+    thing (a one-word answer says one unit at most); with them the first token alone says several."""
+    settings = GeneratorConfig(enabled=True, upsample=25, num_layers=2, hidden_size=64, num_heads=4,
+                               intermediate_size=128, num_units=40)
+    text = tiny_config().text_config
+    states = torch.randn(3, 4, text.hidden_size, generator=torch.Generator().manual_seed(1))
+    plain = liven(SpeechGenerator(settings, text, "sdpa"))
+    assert all(plain.predict(states)[i, :25].unique().numel() == 1 for i in range(3))
+    placed = liven(SpeechGenerator(replace(settings, frame_positions=True), text, "sdpa"))
+    with torch.no_grad():
+        placed.frame_embed.weight.mul_(4)  # as large as the projected states, as training makes them
+    assert all(placed.predict(states)[i, :25].unique().numel() > 3 for i in range(3))
+    assert min(len(u) for u in placed.units(states[:, :1])) > 3
+
+
+def test_frame_places_count_within_each_state():
+    settings = GeneratorConfig(enabled=True, upsample=4, num_layers=1, hidden_size=16, num_heads=2,
+                               intermediate_size=32, num_units=12, frame_positions=True)
+    generator = SpeechGenerator(settings, tiny_config().text_config, "sdpa")
+    states = torch.arange(6.0)[None, :, None].expand(1, 6, 64).reshape(2, 3, 64)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    frames, frame_mask, places = generator.upsample_states(states, mask)
+    assert places[0].tolist() == [0, 1, 2, 3] * 3 and places[1].tolist() == [0, 1, 2, 3] * 2 + [0] * 4
+    # stretched to 14 frames for 14 target units: copies 5, 5, 4; a fifth copy keeps the last place
+    frames, frame_mask, places = generator.upsample_states(states[:1], mask[:1], torch.tensor([14]))
+    assert frames[0, :, 0].tolist() == [0.0] * 5 + [1.0] * 5 + [2.0] * 4
+    assert places[0].tolist() == [0, 1, 2, 3, 3] * 2 + [0, 1, 2, 3]
+    assert frame_mask.all() and generator.frame_embed.weight.shape == (4, 16)
+
+
 def test_ctc_collapse_across_chunk_borders():
     b = BLANK
     frames = torch.tensor([[b, 3, 3, b, 3, 4, 4, 4, b, b, 5, 5, 7, b, 7]])
@@ -176,7 +208,8 @@ def test_presets_carry_the_reference_generator():
     size = sum(p.numel() for p in model.speech_generator.parameters())
     assert 0.40e9 < size < 0.42e9  # 2 x (attention 67M + MLP 135M) + projections
     nano = build_config("nano").settings.speech_generator
-    assert nano.enabled and nano.num_units == 512 and nano.hidden_size == 256
+    assert nano.enabled and nano.num_units == 512 and nano.hidden_size == 256 and nano.frame_positions
+    assert not config.settings.speech_generator.frame_positions  # the reference has none: its weights load as they are
     round_trip = type(config).from_dict(config.to_dict())
     assert round_trip.settings.speech_generator == config.settings.speech_generator
 

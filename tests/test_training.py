@@ -409,6 +409,23 @@ def test_stage4_fits_the_generator_to_the_vocoders_units(workspace, tmp_path):
     assert not base.speech_generator.resize_units(units)  # the same inventory: nothing changes
 
 
+def test_stage4_gives_the_generator_frame_positions_and_trains_them(workspace):
+    from lyra.training.trainer import with_frame_positions
+
+    base = load_pretrained(workspace["base"]).model.eval()
+    assert base.speech_generator.frame_embed is None
+    grown = with_frame_positions(base).eval()
+    states = torch.randn(2, 5, base.config.text_config.hidden_size)
+    assert torch.equal(grown.speech_generator.predict(states), base.speech_generator.predict(states))  # from zero
+    assert with_frame_positions(grown) is grown
+    result = run_stage(workspace, 4, "stage4_places", **{"model.frame_positions": True})
+    embed = result.model.speech_generator.frame_embed
+    assert embed.weight.any() and losses(result, "units")[-1] < losses(result, "units")[0]
+    loaded = load_pretrained(result.output_dir).model
+    assert loaded.config.settings.speech_generator.frame_positions
+    torch.testing.assert_close(loaded.speech_generator.frame_embed.weight, embed.weight)
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(workspace):
     straight = run_stage(workspace, 0, "straight", **{"optim.max_steps": 4, "run.save_steps": 2})
     run_stage(workspace, 0, "resumed", **{"optim.max_steps": 2, "run.save_steps": 2})

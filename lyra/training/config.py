@@ -53,6 +53,7 @@ class ModelSource:
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
     reset_vision: bool = False  # init_from runs: replace its vision tower by a fresh one of the preset's shape
     image_positions: bool = False  # init_from runs: give a model without image-token positions some (lyra/vision.py)
+    frame_positions: bool = False  # init_from runs: give a speech generator without frame positions some (lyra/generator.py)
     # init_from is an earlier run of this same stage (a curriculum: short talks, then longer lectures): keep what it
     # trained instead of starting the stage's projector again from another (stage 3: long_speech from speech)
     continue_stage: bool = False
@@ -192,6 +193,10 @@ class TrainConfig:
         if self.model.image_positions and self.model.init_from is None:
             raise TrainConfigError("model.image_positions adds image-token positions to the model in model.init_from; "
                                    "a fresh build takes them from its preset (image_positions: {enabled: true})")
+        if self.model.frame_positions and self.model.init_from is None:
+            raise TrainConfigError("model.frame_positions adds frame positions to the speech generator of the model in "
+                                   "model.init_from; a fresh build takes them from its preset (speech_generator: "
+                                   "{frame_positions: true})")
         if self.model.reset_vision and self.model.init_from is None:
             raise TrainConfigError("model.reset_vision replaces the vision tower of model.init_from; a fresh build "
                                    "(no init_from) has a fresh tower already")

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -185,6 +185,8 @@ def build_model(config: TrainConfig) -> tuple[LyraForConditionalGeneration, Lyra
             model = with_fresh_vision(model, source.preset)
         if source.image_positions:
             model = with_image_positions(model)
+        if source.frame_positions:
+            model = with_frame_positions(model)
         return model, loaded.processor
     from lyra.presets import build_config
 
@@ -225,6 +227,19 @@ def with_image_positions(model: LyraForConditionalGeneration) -> LyraForConditio
         return model
     config = model.config.with_settings(image_positions=ImagePositionConfig(enabled=True))
     return _rebuilt(model, config, fresh="image_positions.", what="image positions")
+
+
+def with_frame_positions(model: LyraForConditionalGeneration) -> LyraForConditionalGeneration:
+    """A copy of `model` whose speech generator has frame positions (lyra/generator.py), which start at zero: the
+    copy speaks as `model` does until they are trained. A generator that has them already is returned as it is."""
+    generator = model.speech_generator
+    if generator is None:
+        raise ValueError("the model has no speech generator to give frame positions (speech_generator.enabled)")
+    if generator.frame_embed is not None:
+        return model
+    settings = replace(model.config.settings.speech_generator, frame_positions=True)
+    config = model.config.with_settings(speech_generator=settings)
+    return _rebuilt(model, config, fresh="speech_generator.frame_embed.", what="frame positions")
 
 
 def _rebuilt(model: LyraForConditionalGeneration, config: LyraConfig, fresh: str, what: str
