@@ -1,4 +1,5 @@
-"""The shipped nano checkpoint (lyra/checkpoints/nano): within budget, loaded by default, transcribes a held-out clip.
+"""The shipped nano checkpoint (lyra/checkpoints/nano): within budget, loaded by default, transcribes a held-out clip
+and reads held-out sentences aloud.
 
 These tests run once the trained checkpoint is in the repository (README, "Training the nano model"); until then
 they are skipped with that reason.
@@ -59,3 +60,27 @@ def test_demo_answers_its_spoken_question():
     assert report.trained and report.adapter == "speech"
     assert EXPECTED in report.answer.lower(), report.answer
     assert report.tokens_per_s > 0  # a one-word answer still has its end-of-answer step to time
+
+
+def test_default_model_reads_held_out_sentences_aloud():
+    """The shipped generator and vocoder speak held-out sentences so that Whisper tiny.en hears most words (run 12's
+    generator: 30 errors in 88 words on these, run 13's 35; a silent or garbled generator fails)."""
+    from lyra.data.corpus import SentenceGenerator
+    from lyra.data.manifest import Record, Turn
+    from lyra.data.speech_eval import WhisperTranscriber, error_counts
+    from lyra.pretrained import load_pretrained
+    from lyra.training.data import SAY_PROMPT
+    from lyra.training.evaluate import spoken_answer
+
+    loaded = load_pretrained()
+    transcriber = WhisperTranscriber()
+    texts, heard = [], []
+    for seed in (2025, 7):
+        for sentence in SentenceGenerator(seed).generate(4, "test"):  # never in any training manifest
+            record = Record(id="say", conversations=(Turn("human", SAY_PROMPT + sentence.text), Turn("gpt", sentence.text)))
+            answer = spoken_answer(loaded.model, loaded.processor, record, loaded.vocoder, max_new_tokens=48)
+            assert answer.units and len(answer.audio) > 16_000  # a second or more of speech
+            texts.append(answer.text)
+            heard.append(transcriber(answer.audio))
+    errors, words = error_counts(texts, heard)
+    assert errors / words <= 0.55, list(zip(texts, heard))
