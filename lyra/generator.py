@@ -213,7 +213,8 @@ class SpeechGenerator(nn.Module):
         frame_mask = t < lengths[:, None]
         index = (t * counts[:, None]) // lengths.clamp(min=1)[:, None]  # uniform assignment, exact for whole multiples
         index = index.masked_fill(~frame_mask, 0)
-        first = (index * lengths[:, None] + counts[:, None] - 1) // counts.clamp(min=1)[:, None]  # its state's first frame
+        # each frame's state starts at frame ceil(index * lengths / counts)
+        first = (index * lengths[:, None] + counts[:, None] - 1) // counts.clamp(min=1)[:, None]
         places = (t - first).clamp(0, self.upsample - 1).masked_fill(~frame_mask, 0)
         frames = torch.gather(states, 1, index[..., None].expand(-1, -1, states.shape[-1]))
         return frames.masked_fill(~frame_mask[..., None], 0.0), frame_mask, places

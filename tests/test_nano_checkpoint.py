@@ -68,6 +68,7 @@ def test_default_model_reads_held_out_sentences_aloud():
     from lyra.data.corpus import SentenceGenerator
     from lyra.data.manifest import Record, Turn
     from lyra.data.speech_eval import WhisperTranscriber, error_counts
+
     from lyra.pretrained import load_pretrained
     from lyra.training.data import SAY_PROMPT
     from lyra.training.evaluate import spoken_answer
@@ -77,7 +78,8 @@ def test_default_model_reads_held_out_sentences_aloud():
     texts, heard = [], []
     for seed in (2025, 7):
         for sentence in SentenceGenerator(seed).generate(4, "test"):  # never in any training manifest
-            record = Record(id="say", conversations=(Turn("human", SAY_PROMPT + sentence.text), Turn("gpt", sentence.text)))
+            turns = (Turn("human", SAY_PROMPT + sentence.text), Turn("gpt", sentence.text))
+            record = Record(id="say", conversations=turns)
             answer = spoken_answer(loaded.model, loaded.processor, record, loaded.vocoder, max_new_tokens=48)
             assert answer.units and len(answer.audio) > 16_000  # a second or more of speech
             texts.append(answer.text)

@@ -53,7 +53,8 @@ class ModelSource:
     attn_implementation: str = "sdpa"  # "eager", "sdpa" or "flash_attention_2"
     reset_vision: bool = False  # init_from runs: replace its vision tower by a fresh one of the preset's shape
     image_positions: bool = False  # init_from runs: give a model without image-token positions some (lyra/vision.py)
-    frame_positions: bool = False  # init_from runs: give a speech generator without frame positions some (lyra/generator.py)
+    # init_from runs: give a speech generator without frame positions some (lyra/generator.py)
+    frame_positions: bool = False
     # init_from is an earlier run of this same stage (a curriculum: short talks, then longer lectures): keep what it
     # trained instead of starting the stage's projector again from another (stage 3: long_speech from speech)
     continue_stage: bool = False
