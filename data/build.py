@@ -53,10 +53,10 @@ from lyra.data.synth_speech import (
     write_audio,
 )
 
+from lyra.constants import ASR_PROMPT, SAY_PROMPT
+
 __all__ = ["PRESETS", "BuildConfig", "build"]
 
-ASR_PROMPT = "Transcribe the speech."  # the engine's ASR instruction (lyra.engine.transcribe.ASR_PROMPT)
-SAY_PROMPT = "Say this sentence: "  # typed instruction of the read-aloud speech-generation samples
 SAMPLE_RATE = 16_000
 LONG_CLIP_SENTENCES = (2, 8)  # sentences per multi-sentence ASR clip (drawn uniformly)
 LONG_CLIP_SECONDS = 28.0  # a multi-sentence clip stops before this (a 30 s encoder window holds it whole)

@@ -44,14 +44,13 @@ from pathlib import Path
 
 import click
 import numpy as np
-
-from lyra.assets import default_cache_dir
-from lyra.audio import AudioArray, AudioError, load_audio
-from lyra.constants import SAMPLE_RATE
-from lyra.data.build import ASR_PROMPT
 from lyra.data.manifest import write_manifest
 from lyra.data.synth_speech import write_audio
 from lyra.engine.formats import write_atomic
+
+from lyra.assets import default_cache_dir
+from lyra.audio import AudioArray, AudioError, load_audio
+from lyra.constants import ASR_PROMPT, SAMPLE_RATE
 
 __all__ = ["ARCHIVES", "CLIPS", "Archive", "Clip", "RealSpeechError", "RealSpeechSet", "Transcript", "build",
            "default_cache", "extract", "fetch", "read_transcription", "verify_archive"]

@@ -88,14 +88,13 @@ def training_texts(seed: int = 0, *, sentences: int = CORPUS_SENTENCES, image_qa
 
 
 def _prompts() -> list[str]:
-    from lyra.data.build import ASR_PROMPT, SAY_PROMPT
+    from lyra.constants import ASR_PROMPT, SAY_PROMPT
 
     prompts = [QWEN_DEFAULT_SYSTEM_PROMPT, "system\n", "user\n", "assistant\n", ASR_PROMPT, SAY_PROMPT]
     try:  # the engine's prompts, when the engine is importable (it always is inside the lyra distribution)
         from lyra.engine.session import DEFAULT_EXTRACT_QUERY
-        from lyra.engine.transcribe import ASR_PROMPT as ENGINE_ASR_PROMPT
 
-        prompts += [DEFAULT_EXTRACT_QUERY, ENGINE_ASR_PROMPT]
+        prompts += [DEFAULT_EXTRACT_QUERY, ASR_PROMPT]  # the ASR prompt twice: the built tokenizer stays as it was
     except ImportError:
         pass
     return prompts * 50  # frequent enough to become whole tokens

@@ -13,13 +13,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
 import torch
-
-from lyra.constants import SAMPLE_RATE, SPEECH_PLACEHOLDER
-from lyra.modeling import LyraForConditionalGeneration
-from lyra.processing import LyraProcessor
 from lyra.engine.events import AudioWindow, Segment
 
-ASR_PROMPT = "Transcribe the speech."
+from lyra.constants import ASR_PROMPT, SAMPLE_RATE, SPEECH_PLACEHOLDER
+from lyra.modeling import LyraForConditionalGeneration
+from lyra.processing import LyraProcessor
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,10 @@ TOKEN_TYPE_VIDEO = 2
 
 IGNORE_INDEX = -100  # label value ignored by the cross-entropy
 
+# Typed instructions shared by the data builder, the training mixtures and the engine.
+ASR_PROMPT = "Transcribe the speech."  # after the speech: write down what it says
+SAY_PROMPT = "Say this sentence: "  # before a sentence: the read-aloud speech-generation samples
+
 # Attribute on a layer (linear or embedding) that the model's weight initialisation must leave at zero: a part
 # added to a trained model then changes nothing until training moves it.
 ZERO_INIT = "_lyra_zero_init"

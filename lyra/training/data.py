@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 from transformers.modeling_outputs import BaseModelOutput
 
-from lyra.constants import IMAGE_PLACEHOLDER
+from lyra.constants import IMAGE_PLACEHOLDER, SAY_PROMPT
 from lyra.data.collator import LyraCollator
 from lyra.data.datasets import (
     ASRDataset,
@@ -62,7 +62,6 @@ TASK_DATASETS: dict[str, type[ConversationDataset]] = {
     "speech_generation": SpeechGenerationDataset,
     "conversation": ConversationDataset,
 }
-SAY_PROMPT = "Say this sentence: "  # the data builder's read-aloud instruction (lyra.data.build.SAY_PROMPT)
 WRITE_PROMPT = "Write a sentence from the lecture."  # free generation of one corpus sentence
 NEEDLE_PASSAGE = (1, 10)  # corpus sentences around the facts of a written needle passage
 NEEDLE_FACTS = (1, 3)  # facts (needles) per passage
