@@ -64,13 +64,14 @@ def test_demo_answers_its_spoken_question():
 
 def test_default_model_reads_held_out_sentences_aloud():
     """The shipped generator and vocoder speak held-out sentences so that Whisper tiny.en hears most words (run 12's
-    generator: 30 errors in 88 words on these, run 13's 35; a silent or garbled generator fails)."""
+    generator: 30 errors in 88 words on these, run 13's 35, run 13's with run 14's vocoder 32; a silent or garbled
+    generator fails)."""
     from lyra.data.corpus import SentenceGenerator
     from lyra.data.manifest import Record, Turn
     from lyra.data.speech_eval import WhisperTranscriber, error_counts
 
+    from lyra.constants import SAY_PROMPT
     from lyra.pretrained import load_pretrained
-    from lyra.training.data import SAY_PROMPT
     from lyra.training.evaluate import spoken_answer
 
     loaded = load_pretrained()

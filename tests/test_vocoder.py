@@ -239,16 +239,17 @@ def test_resynthesized_speech_is_understood_by_whisper():
     """Speech in the vocoder's voice -> units (Whisper tiny.en frames + k-means) -> nano vocoder -> Whisper tiny.en.
     Three held-out sentences together: one Piper rendering of a sentence can come back much worse than another."""
     from lyra.data.speech_eval import WhisperTranscriber, spoken_wer, word_error_rate
+    from lyra.data.synth_speech import Voices
     from lyra.data.units import UnitExtractor
-    from lyra.data.vocoder_recipe import HELD_OUT, Speaker, parse_voice
+    from lyra.data.vocoder_recipe import HELD_OUT, parse_voice
 
     extractor = UnitExtractor.from_pretrained()
     vocoder = load_vocoder(EMBEDDED_VOCODER)
     recipe = json.loads((EMBEDDED_VOCODER / "recipe.json").read_text())
-    speak, transcriber = Speaker(parse_voice(recipe["settings"]["voice"])), WhisperTranscriber()
+    voice, voices, transcriber = parse_voice(recipe["settings"]["voice"]), Voices(piper_threads=1), WhisperTranscriber()
     texts, heard = HELD_OUT[:3], []
     for text in texts:
-        units = extractor.units(speak(text))
+        units = extractor.units(voices(text, voice))
         assert len(units) > 20 and max(units) < vocoder.num_units
         heard.append(spoken_wer(vocoder.synthesize(units), text, transcriber=transcriber).transcript)
     assert word_error_rate(texts, heard) <= 0.35, heard
