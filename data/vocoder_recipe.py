@@ -12,8 +12,9 @@
    (`NanoVocoder.analyze`); per collapsed unit, its run length in frames.
 4. Training: the envelope stack (L1 on log band power + BCE on voicing) on random 2.5 s crops, and the
    duration predictor (MSE on log(frames + 1)), AdamW, about 16 minutes together on one thread. Twice the
-   speech and four times the steps of the first Piper vocoder cut the spoken answers' ASR-WER from 48.4% to
-   43.6% (docs/nano.md, run 14).
+   speech of the first Piper vocoder, four times its envelope steps, twice its duration steps and a duration
+   predictor that sees 8 units on each side cut the spoken answers' ASR-WER from 48.4% to 43.6% (docs/nano.md,
+   run 14).
 5. Check: held-out sentences (other templates and words, and held-out corpus sentences and image answers) ->
    units -> durations -> audio -> Whisper tiny.en, word error rate against the text; the original audio is
    transcribed too, as the ceiling, and the units are rendered at their true lengths, to tell what the predicted
