@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from _common import build_random, reset_peak_rss, rss_bytes, write_docs  # bench/ is the script's folder, first on sys.path
+from lyra.constants import SAMPLE_RATE
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -59,7 +60,6 @@ SECTION_END = "<!-- /bench:engine -->"
 RESULT_PREFIX = "BENCH_RESULT "
 GIB = 2**30
 
-SAMPLE_RATE = 16_000  # Hz of the generated lectures (Lyra's rate: no resampling on read)
 WINDOW_SECONDS = 30  # one Whisper window
 APPROACHES = ("streaming", "reference")
 LECTURE_VERSION = 1  # bump when the generated audio changes (it is cached by name)

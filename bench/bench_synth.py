@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 from _common import write_docs  # bench/ is the script's folder, first on sys.path
 
+from lyra.constants import SAMPLE_RATE
+
 SECTION_START = "<!-- bench:synth -->"
 SECTION_END = "<!-- /bench:synth -->"
-SAMPLE_RATE = 16000
 
 
 def transcriber():

@@ -53,11 +53,10 @@ from lyra.data.synth_speech import (
     write_audio,
 )
 
-from lyra.constants import ASR_PROMPT, SAY_PROMPT
+from lyra.constants import ASR_PROMPT, SAMPLE_RATE, SAY_PROMPT
 
 __all__ = ["PRESETS", "BuildConfig", "build"]
 
-SAMPLE_RATE = 16_000
 LONG_CLIP_SENTENCES = (2, 8)  # sentences per multi-sentence ASR clip (drawn uniformly)
 LONG_CLIP_SECONDS = 28.0  # a multi-sentence clip stops before this (a 30 s encoder window holds it whole)
 LONG_CLIP_PAUSE = (0.2, 0.6)  # seconds of silence between its sentences

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000  # Hz
+from lyra.constants import SAMPLE_RATE
 
 
 @functools.cache

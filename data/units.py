@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000  # Hz
+from lyra.constants import SAMPLE_RATE
+
 FRAME_SAMPLES = 320  # one unit frame: 20 ms (two 10 ms mel frames)
 WINDOW_SAMPLES = 30 * SAMPLE_RATE  # Whisper's feature extractor works on 30 s windows
 CENTROIDS_KEY = "kmeans.centroids"  # tensor names inside the vocoder's model.safetensors

@@ -55,9 +55,9 @@ from lyra.data.units import (
 )
 from tqdm import tqdm
 
+from lyra.constants import SAMPLE_RATE
 from lyra.vocoder import EMBEDDED_VOCODER, NanoVocoder, NanoVocoderConfig
 
-SAMPLE_RATE = 16000
 SPEED = 160  # espeak-ng words per minute of `--voice espeak` (the first nano vocoder's voice)
 
 # ---- sentences ---------------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SAMPLE_RATE = 16000  # Hz, both vocoders
+from lyra.constants import SAMPLE_RATE
+
 SAMPLES_PER_FRAME = 320  # one unit frame: 20 ms at 16 kHz (50 frames per second)
 LRELU_SLOPE = 0.1  # HiFi-GAN's leaky ReLU slope inside the generator
 NANO_MODEL_TYPE = "lyra-nano-vocoder"
