@@ -125,6 +125,12 @@ BAD_TRAINING_YAML = [  # (YAML, what the error must say)
      "image_positions adds image-token positions to the model in model.init_from"),
     ("stage: 0\nmodel: {frame_positions: true}\ndata: {text_needles: 10}\n",
      "frame_positions adds frame positions to the speech generator of the model in model.init_from"),
+    ("stage: 0\ndata: {text_needles: 10, eval: [{manifest: a.jsonl, task: poems}]}\n", "data.eval: task 'poems'"),
+    ("stage: 0\ndata: {text_needles: 10}\nrun: {eval_steps: -1}\n", "run.eval_steps .* got -1"),
+    ("stage: 0\ndata: {text_needles: 10}\nrun: {keep_best: true}\n", "list held-out manifests under data.eval"),
+    (("stage: 0\ndata: {text_needles: 10, eval: [{manifest: a.jsonl}]}\nrun: {keep_best: true, save_steps: 100, "
+      "eval_steps: 50}\n"), r"set run.eval_steps to run.save_steps \(100\) or to 0, got 50"),
+    ("stage: 0\ndata: {drawn_cells: 100, eval: [{manifest: a.jsonl}]}\n", "leave data.eval empty"),
 ]
 
 

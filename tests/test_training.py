@@ -426,6 +426,27 @@ def test_stage4_gives_the_generator_frame_positions_and_trains_them(workspace):
     torch.testing.assert_close(loaded.speech_generator.frame_embed.weight, embed.weight)
 
 
+def test_stage4_held_out_loss_and_the_best_checkpoint(workspace):
+    """data.eval's loss (and the unit CTC) is logged every run.eval_steps; run.keep_best ends the run with the
+    saved checkpoint whose held-out loss was lowest, and the summary gives that loss."""
+    held_out = [{"manifest": "speech_gen/test.jsonl", "task": "speech_generation"}]
+    result = run_stage(workspace, 4, "stage4_best", **{"data.eval": held_out, "run.save_steps": 1, "run.keep_best": True,
+                                                       "optim.learning_rate": 0.05})
+    evals = {h["step"]: h for h in result.log_history if "eval_loss" in h}
+    assert sorted(evals) == [1, 2, 3, 4, 5, 6]
+    assert all(h["eval_units"] == pytest.approx(h["eval_loss"]) for h in evals.values())
+    assert all("eval_units" not in h for h in result.log_history if "loss" in h)  # the training log keeps its own
+    best = min(evals, key=lambda step: evals[step]["eval_loss"])
+    assert result.held_out["best_step"] == best
+    assert result.held_out["eval_loss"] == pytest.approx(evals[best]["eval_loss"], rel=1e-5)
+    saved = load_pretrained(workspace["root"] / "stage4_best" / f"checkpoint-{best}").model
+    kept = dict(result.model.named_parameters())
+    for name, p in saved.speech_generator.named_parameters():
+        torch.testing.assert_close(kept[f"speech_generator.{name}"], p, rtol=0, atol=0)
+    summary = json.loads((result.output_dir / "train_summary.json").read_text())
+    assert summary["held_out"]["best_step"] == best
+
+
 def test_resume_from_checkpoint_equals_uninterrupted_run(workspace):
     straight = run_stage(workspace, 0, "straight", **{"optim.max_steps": 4, "run.save_steps": 2})
     run_stage(workspace, 0, "resumed", **{"optim.max_steps": 2, "run.save_steps": 2})

@@ -77,6 +77,9 @@ class DataConfig:
 
     root: str = "data/nano"  # folder the manifests are relative to (python -m lyra.data.build --out ROOT)
     train: tuple[DataSource, ...] = ()  # manifests of the mixture
+    # held-out manifests, read as train's are: their loss (and its parts) is logged as eval_loss, eval_units, ... every
+    # run.eval_steps; with run.keep_best the run ends with the checkpoint whose eval_loss was lowest
+    eval: tuple[DataSource, ...] = ()
     text_corpus: int = 0  # text-only conversations generated from lyra.data.corpus (read-aloud and free sentences)
     text_needles: int = 0  # text-only needle questions: a written passage with a few unique facts, then a question
     needle_facts: tuple[int, ...] = (1, 3)  # facts per written needle passage: lowest, highest (6 templates)
@@ -128,6 +131,9 @@ class RunConfig:
     logging_steps: int = 10  # log losses every this many optimiser steps
     save_steps: int = 500  # write a resumable checkpoint every this many steps
     save_total_limit: int = 2  # keep at most this many checkpoints
+    eval_steps: int = 0  # loss on data.eval every this many optimiser steps (0: at every save_steps)
+    keep_best: bool = False  # end with the saved checkpoint of lowest eval_loss (needs data.eval; eval_steps 0 or
+    # save_steps, so that each checkpoint is measured and only those are)
     precision: str = "auto"  # "auto": bf16 on a CUDA device that supports it, else fp32; or "bf16", "fp16", "fp32"
     gradient_checkpointing: bool = False  # recompute decoder-layer activations in the backward pass (less memory)
     report_to: str = "none"  # transformers integrations ("none", "tensorboard", "wandb", ...)
@@ -160,12 +166,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3, 4):
             raise TrainConfigError(f"stage must be 0, 1, 2, 3 or 4, got {self.stage}")
-        for source in self.data.train:
-            if source.task not in TASKS:
-                raise TrainConfigError(f"data.train: task {source.task!r} of {source.manifest} is not one of {TASKS}")
-            if source.answers not in ANSWER_FORMS:
-                raise TrainConfigError(f"data.train: answers {source.answers!r} of {source.manifest} is not one of "
-                                       f"{ANSWER_FORMS}")
+        for part, sources in (("train", self.data.train), ("eval", self.data.eval)):
+            for source in sources:
+                if source.task not in TASKS:
+                    raise TrainConfigError(f"data.{part}: task {source.task!r} of {source.manifest} is not one of "
+                                           f"{TASKS}")
+                if source.answers not in ANSWER_FORMS:
+                    raise TrainConfigError(f"data.{part}: answers {source.answers!r} of {source.manifest} is not one "
+                                           f"of {ANSWER_FORMS}")
+        _check_eval(self)
         if self.run.precision not in PRECISIONS:
             raise TrainConfigError(f"run.precision must be one of {PRECISIONS}, got {self.run.precision!r}")
         if self.model.init_from is None and self.stage != 0:
@@ -233,6 +242,22 @@ def _check_range(data: DataConfig, name: str, least: int, what: str) -> None:
     if len(values) != 2 or not least <= lowest <= highest:
         raise TrainConfigError(f"data.{name} is [lowest, highest] {what}, {least} <= lowest <= highest, got "
                                f"{list(values)}")
+
+
+def _check_eval(config: TrainConfig) -> None:
+    run = config.run
+    if run.eval_steps < 0:
+        raise TrainConfigError(f"run.eval_steps is a number of optimiser steps: 0 (at every save) or more, got "
+                               f"{run.eval_steps}")
+    if run.keep_best and not config.data.eval:
+        raise TrainConfigError("run.keep_best picks the checkpoint of lowest loss on held-out data: list held-out "
+                               "manifests under data.eval, or set run.keep_best: false")
+    if run.keep_best and run.eval_steps not in (0, run.save_steps):
+        raise TrainConfigError(f"run.keep_best compares the saved checkpoints: measure each of them, set run.eval_steps "
+                               f"to run.save_steps ({run.save_steps}) or to 0, got {run.eval_steps}")
+    if config.data.drawn_cells and config.data.eval:
+        raise TrainConfigError("data.eval: stage 0's vision-tower pass (data.drawn_cells) measures its own held-out "
+                               "cells; leave data.eval empty")
 
 
 def _check_needles(data: DataConfig) -> None:

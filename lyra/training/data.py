@@ -46,6 +46,7 @@ __all__ = [
     "FrameCachedDataset",
     "TrainCollator",
     "attach_units",
+    "build_eval_dataset",
     "build_train_dataset",
     "drawn_image_records",
     "encoder_frames_given",
@@ -278,17 +279,7 @@ def build_train_dataset(
     With `config.cache_speech` (and a model) every sample is encoded now and the speech frames kept
     (`FrameCachedDataset`); the training loop must then run inside `encoder_frames_given(model)`.
     """
-    parts: list[ConversationDataset] = []
-    for source in config.train:
-        records = _read_source(config, source)
-        if source.task == "speech_generation" and any(r.tgt_units is None for r in records):
-            if config.units_from is None:
-                raise ValueError(
-                    f"{source.manifest}: records have no tgt_units; set data.units_from to a vocoder folder (or "
-                    "'embedded') so they are extracted from tgt_audio"
-                )
-            records = attach_units(records, unit_extractor(config.units_from), progress=progress)
-        parts.append(TASK_DATASETS[source.task](records, processor, skip_broken=config.skip_broken))
+    parts = _manifest_datasets(config, config.train, processor, progress)
     if config.text_corpus:
         parts.append(ConversationDataset(text_records(config.text_corpus, config.text_seed), processor))
     if config.text_needles:
@@ -300,6 +291,41 @@ def build_train_dataset(
         records = drawn_image_records(config.drawn_images, folder, config.text_seed, progress=progress,
                                       kinds=config.drawn_kinds, answers=config.drawn_answers)
         parts.append(ImageQADataset(records, processor, skip_broken=config.skip_broken))
+    return _joined(config, parts, model, progress)
+
+
+def build_eval_dataset(
+    config: DataConfig,
+    processor: LyraProcessor,
+    model: LyraForConditionalGeneration | None = None,
+    *,
+    progress: bool = True,
+) -> Dataset | None:
+    """The held-out manifests of `config.eval`, read and cached as the training mixture is; None when there are none."""
+    if not config.eval:
+        return None
+    return _joined(config, _manifest_datasets(config, config.eval, processor, progress), model, progress)
+
+
+def _manifest_datasets(config: DataConfig, sources, processor: LyraProcessor, progress: bool) -> list[ConversationDataset]:
+    """Each manifest read as its task's dataset (stage 4's unit targets extracted where records lack them)."""
+    parts: list[ConversationDataset] = []
+    for source in sources:
+        records = _read_source(config, source)
+        if source.task == "speech_generation" and any(r.tgt_units is None for r in records):
+            if config.units_from is None:
+                raise ValueError(
+                    f"{source.manifest}: records have no tgt_units; set data.units_from to a vocoder folder (or "
+                    "'embedded') so they are extracted from tgt_audio"
+                )
+            records = attach_units(records, unit_extractor(config.units_from), progress=progress)
+        parts.append(TASK_DATASETS[source.task](records, processor, skip_broken=config.skip_broken))
+    return parts
+
+
+def _joined(config: DataConfig, parts: list[ConversationDataset], model: LyraForConditionalGeneration | None,
+            progress: bool) -> Dataset:
+    """One dataset of `parts`: with `config.cache_speech` (and a model) encoded now, the speech frames kept."""
     if config.cache_speech and model is not None:
         cache_dir = None
         if config.cache_dir is not None:
@@ -596,3 +622,4 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, disable=not enabled or total < 50)
+

@@ -28,7 +28,13 @@ from lyra.data.collator import LyraCollator
 from lyra.modeling import LyraForConditionalGeneration, read_whisper_encoder_state
 from lyra.processing import LyraProcessor
 from lyra.training.config import TrainConfig, TrainConfigError
-from lyra.training.data import TrainCollator, build_train_dataset, encoder_frames_given, vocoder_folder
+from lyra.training.data import (
+    TrainCollator,
+    build_eval_dataset,
+    build_train_dataset,
+    encoder_frames_given,
+    vocoder_folder,
+)
 from lyra.training.stages import STAGES, StageSpec, prepare_stage, without_groups
 
 __all__ = ["LyraTrainer", "TrainResult", "build_model", "last_checkpoint", "match_vocoder_units", "train",
@@ -56,6 +62,9 @@ class LyraTrainer(Trainer):
         self.positions_lr = positions_lr
         self._parts: dict[str, torch.Tensor] = {}
         self._part_counts: dict[str, int] = {}
+        self._held_out = False  # inside prediction_step: the loss parts go to the eval log, not the training log
+        self._eval_parts: dict[str, torch.Tensor] = {}
+        self._eval_counts: dict[str, int] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         out = model(**inputs, adapter=self.stage.adapter)
@@ -65,11 +74,12 @@ class LyraTrainer(Trainer):
             loss = out.unit_loss * self.accelerator.unwrap_model(model).config.settings.speech_generator.loss_weight
         else:
             loss = out.loss
+        parts, counts = (self._eval_parts, self._eval_counts) if self._held_out else (self._parts, self._part_counts)
         for name, key in LOSS_PARTS.items():
             value = getattr(out, name)
             if value is not None:
-                self._parts[key] = self._parts.get(key, 0.0) + value.detach().float()
-                self._part_counts[key] = self._part_counts.get(key, 0) + 1
+                parts[key] = parts.get(key, 0.0) + value.detach().float()
+                counts[key] = counts.get(key, 0) + 1
         return (loss, out) if return_outputs else loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -90,10 +100,14 @@ class LyraTrainer(Trainer):
         return optimizer
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation: the stage's loss only (no logits are gathered)."""
+        """Evaluation: the stage's loss only (no logits are gathered); its parts are logged as eval_<part>."""
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
+        self._held_out = True
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+        finally:
+            self._held_out = False
         return loss.detach(), None, None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -102,9 +116,18 @@ class LyraTrainer(Trainer):
         DeepSpeed and FSDP checkpoints go the Trainer's own way."""
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        model = model if model is not None else self.model
+        self._load_saved(resume_from_checkpoint, model if model is not None else self.model)
+
+    def _load_best_model(self) -> None:
+        """`run.keep_best`: the checkpoint of lowest eval_loss, read as a resume reads one."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._load_best_model()
+        log.info("keeping %s (eval_loss %.4f)", self.state.best_model_checkpoint, self.state.best_metric)
+        self._load_saved(self.state.best_model_checkpoint, self.model)
+
+    def _load_saved(self, folder: str, model) -> None:
         target = self.accelerator.unwrap_model(model)
-        saved = type(target).from_pretrained(resume_from_checkpoint, dtype=torch.float32)
+        saved = type(target).from_pretrained(folder, dtype=torch.float32)
         target.load_state_dict(saved.state_dict(), strict=True)
         del saved
 
@@ -113,6 +136,10 @@ class LyraTrainer(Trainer):
             for key, total in self._parts.items():
                 logs[key] = round(float(total) / self._part_counts[key], 6)
             self._parts, self._part_counts = {}, {}
+        if "eval_loss" in logs and self._eval_parts:
+            for key, total in self._eval_parts.items():
+                logs[f"eval_{key}"] = round(float(total) / self._eval_counts[key], 6)
+            self._eval_parts, self._eval_counts = {}, {}
         super().log(logs, start_time)
 
 
@@ -128,7 +155,8 @@ class TrainResult:
     samples: int  # training samples in the mixture
     log_history: list[dict] = field(default_factory=list)  # the Trainer's logs (loss, ce, lcmr, units, lr, ...)
     export: dict | None = None  # the export's path, size and parameter counts, when one was written
-    held_out: dict[str, float] = field(default_factory=dict)  # measures on held-out data (the tower pass: cells)
+    # measures on held-out data: the tower pass's cells; data.eval's eval_loss and its parts (run.keep_best: best_step)
+    held_out: dict[str, float] = field(default_factory=dict)
     model: LyraForConditionalGeneration | None = field(default=None, repr=False, compare=False)  # the trained model
 
 
@@ -155,6 +183,11 @@ def training_arguments(config: TrainConfig, *, progress: bool = True) -> Trainin
         save_strategy="steps",
         save_steps=run.save_steps,
         save_total_limit=run.save_total_limit,
+        eval_strategy="steps" if config.data.eval else "no",
+        eval_steps=(run.eval_steps or run.save_steps) if config.data.eval else None,
+        load_best_model_at_end=run.keep_best,
+        metric_for_best_model="eval_loss" if run.keep_best else None,
+        greater_is_better=False if run.keep_best else None,
         seed=run.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
@@ -274,6 +307,11 @@ def _tokenizer_folder(name: str, output_dir: Path) -> Path:
 # ---------------------------------------------------------------------- the run
 
 
+def _step_of(checkpoint: str | None) -> float:
+    """The optimiser step of a `checkpoint-N` folder (nan for none)."""
+    return float(Path(checkpoint).name.removeprefix("checkpoint-")) if checkpoint else float("nan")
+
+
 def last_checkpoint(output_dir: Path) -> str:
     """The `checkpoint-N/` folder a resumed run continues from; a clear error when there is none."""
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -324,21 +362,27 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     if cache and args.device.type == "cuda":
         model.speech_encoder.to(args.device)  # encode the cache on this process's GPU (the Trainer moves the rest)
     dataset = build_train_dataset(config.data, processor, model, progress=progress)
+    held_out = build_eval_dataset(config.data, processor, model, progress=progress)
     collator = TrainCollator(LyraCollator.for_processor(processor), frames=cache,
                              k=model.config.settings.projector.k, lcmr=lcmr)
-    trainer = LyraTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
+    trainer = LyraTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=held_out, data_collator=collator,
                           processing_class=processor, stage=spec, positions_lr=config.optim.positions_lr)
     start = time.perf_counter()
     with encoder_frames_given(model) if cache else contextlib.nullcontext():
         trainer.train(resume_from_checkpoint=checkpoint)
-    seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        final = trainer.evaluate() if held_out is not None else {}  # the model kept (run.keep_best: the best one)
 
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         config.save(output_dir / TRAIN_CONFIG_FILE)
     result = TrainResult(output_dir=output_dir, stage=spec.number, global_step=trainer.state.global_step,
                          seconds=seconds, trainable=trainable, samples=len(dataset),
-                         log_history=list(trainer.state.log_history))
+                         log_history=list(trainer.state.log_history),
+                         held_out={k: float(v) for k, v in final.items() if k == "eval_loss" or k.removeprefix("eval_")
+                                   in LOSS_PARTS.values()})
+    if config.run.keep_best:
+        result.held_out["best_step"] = _step_of(trainer.state.best_model_checkpoint)
     if config.export.enabled and trainer.is_world_process_zero():
         from lyra.training.export import export_model
 
