@@ -429,12 +429,13 @@ def test_stage4_gives_the_generator_frame_positions_and_trains_them(workspace):
 def test_stage4_held_out_loss_and_the_best_checkpoint(workspace):
     """data.eval's loss (and the unit CTC) is logged every run.eval_steps; run.keep_best ends the run with the
     saved checkpoint whose held-out loss was lowest, and the summary gives that loss."""
-    held_out = [{"manifest": "speech_gen/test.jsonl", "task": "speech_generation"}]
+    held_out = [{"manifest": "speech_gen/test.jsonl", "task": "speech_generation"},
+                {"manifest": "speech_gen/train.jsonl", "task": "speech_generation", "max_samples": 3}]  # 5: batches 4 + 1
     result = run_stage(workspace, 4, "stage4_best", **{"data.eval": held_out, "run.save_steps": 1, "run.keep_best": True,
                                                        "optim.learning_rate": 0.05})
     evals = {h["step"]: h for h in result.log_history if "eval_loss" in h}
     assert sorted(evals) == [1, 2, 3, 4, 5, 6]
-    assert all(h["eval_units"] == pytest.approx(h["eval_loss"]) for h in evals.values())
+    assert all(h["eval_units"] == pytest.approx(h["eval_loss"], rel=1e-5) for h in evals.values())  # both per sample
     assert all("eval_units" not in h for h in result.log_history if "loss" in h)  # the training log keeps its own
     best = min(evals, key=lambda step: evals[step]["eval_loss"])
     assert result.held_out["best_step"] == best

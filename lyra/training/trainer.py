@@ -75,11 +75,12 @@ class LyraTrainer(Trainer):
         else:
             loss = out.loss
         parts, counts = (self._eval_parts, self._eval_counts) if self._held_out else (self._parts, self._part_counts)
+        samples = len(inputs["input_ids"])  # weights as the Trainer's eval_loss (a mean over samples)
         for name, key in LOSS_PARTS.items():
             value = getattr(out, name)
             if value is not None:
-                parts[key] = parts.get(key, 0.0) + value.detach().float()
-                counts[key] = counts.get(key, 0) + 1
+                parts[key] = parts.get(key, 0.0) + value.detach().float() * samples
+                counts[key] = counts.get(key, 0) + samples
         return (loss, out) if return_outputs else loss
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
