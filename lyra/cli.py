@@ -375,7 +375,8 @@ def train(config, resume, output, max_steps, data_root, init_from, settings):
     last = f", last logged loss {losses[-1]['loss']:.4f}" if losses else ""
     click.echo(f"stage {result.stage}: {result.global_step} steps in {result.seconds:.0f} s{last} -> {result.output_dir}")
     if result.held_out:
-        click.echo("held out: " + ", ".join(f"{key} {value:.3f}" for key, value in result.held_out.items()))
+        click.echo("held out: " + ", ".join(f"{key} {value:.0f}" if key == "best_step" else f"{key} {value:.3f}"
+                                            for key, value in result.held_out.items()))
     if result.export:
         click.echo(f"export: {result.export['path']} ({result.export['megabytes']:.1f} MB)")
 
