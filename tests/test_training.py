@@ -433,13 +433,14 @@ def test_stage4_held_out_loss_and_the_best_checkpoint(workspace):
                 {"manifest": "speech_gen/train.jsonl", "task": "speech_generation", "max_samples": 3}]  # 5: batches 4 + 1
     result = run_stage(workspace, 4, "stage4_best", **{"data.eval": held_out, "run.save_steps": 1, "run.keep_best": True,
                                                        "optim.learning_rate": 0.05})
-    evals = {h["step"]: h for h in result.log_history if "eval_loss" in h}
+    *during, final = [h for h in result.log_history if "eval_loss" in h]  # the last: the model kept, after training
+    evals = {h["step"]: h for h in during}
     assert sorted(evals) == [1, 2, 3, 4, 5, 6]
-    assert all(h["eval_units"] == pytest.approx(h["eval_loss"], rel=1e-5) for h in evals.values())  # both per sample
+    assert all(h["eval_units"] == pytest.approx(h["eval_loss"], rel=1e-5) for h in during)  # both means over samples
     assert all("eval_units" not in h for h in result.log_history if "loss" in h)  # the training log keeps its own
     best = min(evals, key=lambda step: evals[step]["eval_loss"])
     assert result.held_out["best_step"] == best
-    assert result.held_out["eval_loss"] == pytest.approx(evals[best]["eval_loss"], rel=1e-5)
+    assert result.held_out["eval_loss"] == final["eval_loss"] == pytest.approx(evals[best]["eval_loss"], rel=1e-5)
     saved = load_pretrained(workspace["root"] / "stage4_best" / f"checkpoint-{best}").model
     kept = dict(result.model.named_parameters())
     for name, p in saved.speech_generator.named_parameters():

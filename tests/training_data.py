@@ -11,9 +11,7 @@ from lyra.data.manifest import write_manifest
 from lyra.data.synth_images import make_image_qa
 from lyra.data.synth_speech import EspeakSynthesizer, Voice, write_audio
 
-from lyra.constants import SAMPLE_RATE
-
-ASR_PROMPT = "Transcribe the speech."
+from lyra.constants import ASR_PROMPT, SAMPLE_RATE
 
 
 def build_smoke_data(root: Path, *, n_asr: int = 4, n_images: int = 4, n_speechgen: int = 4, num_units: int = 32,

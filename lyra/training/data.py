@@ -622,4 +622,3 @@ def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="sample", file=sys.stderr, disable=not enabled or total < 50)
-
