@@ -428,25 +428,31 @@ def test_stage4_gives_the_generator_frame_positions_and_trains_them(workspace):
 
 def test_stage4_held_out_loss_and_the_best_checkpoint(workspace):
     """data.eval's loss (and the unit CTC) is logged every run.eval_steps; run.keep_best ends the run with the
-    saved checkpoint whose held-out loss was lowest, and the summary gives that loss."""
+    saved checkpoint whose held-out loss was lowest, and the summary gives that loss (its logged evaluation, not a
+    second pass); a run whose last step was not evaluated is evaluated once more at the end."""
     held_out = [{"manifest": "speech_gen/test.jsonl", "task": "speech_generation"},
                 {"manifest": "speech_gen/train.jsonl", "task": "speech_generation", "max_samples": 3}]  # 5: batches 4 + 1
     result = run_stage(workspace, 4, "stage4_best", **{"data.eval": held_out, "run.save_steps": 1, "run.keep_best": True,
                                                        "optim.learning_rate": 0.05})
-    *during, final = [h for h in result.log_history if "eval_loss" in h]  # the last: the model kept, after training
-    evals = {h["step"]: h for h in during}
-    assert sorted(evals) == [1, 2, 3, 4, 5, 6]
-    assert all(h["eval_units"] == pytest.approx(h["eval_loss"], rel=1e-5) for h in during)  # both means over samples
+    logged = [h for h in result.log_history if "eval_loss" in h]
+    assert [h["step"] for h in logged] == [1, 2, 3, 4, 5, 6]
+    assert all(h["eval_units"] == pytest.approx(h["eval_loss"], rel=1e-5) for h in logged)  # both means over samples
     assert all("eval_units" not in h for h in result.log_history if "loss" in h)  # the training log keeps its own
+    evals = {h["step"]: h for h in logged}
     best = min(evals, key=lambda step: evals[step]["eval_loss"])
     assert result.held_out["best_step"] == best
-    assert result.held_out["eval_loss"] == final["eval_loss"] == pytest.approx(evals[best]["eval_loss"], rel=1e-5)
+    assert result.held_out["eval_loss"] == pytest.approx(evals[best]["eval_loss"], rel=1e-5)
+    assert result.held_out["eval_units"] == pytest.approx(evals[best]["eval_units"], rel=1e-5)
     saved = load_pretrained(workspace["root"] / "stage4_best" / f"checkpoint-{best}").model
     kept = dict(result.model.named_parameters())
     for name, p in saved.speech_generator.named_parameters():
         torch.testing.assert_close(kept[f"speech_generator.{name}"], p, rtol=0, atol=0)
     summary = json.loads((result.output_dir / "train_summary.json").read_text())
     assert summary["held_out"]["best_step"] == best
+    sparse = run_stage(workspace, 4, "stage4_sparse", **{"data.eval": held_out, "run.eval_steps": 4})
+    logged = [h for h in sparse.log_history if "eval_loss" in h]
+    assert [h["step"] for h in logged] == [4, 6]  # step 6 (the last) by the pass after training
+    assert sparse.held_out == {key: pytest.approx(logged[-1][key]) for key in ("eval_loss", "eval_ce", "eval_units")}
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(workspace):

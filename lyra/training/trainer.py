@@ -62,7 +62,6 @@ class LyraTrainer(Trainer):
         self.positions_lr = positions_lr
         self._parts: dict[str, torch.Tensor] = {}
         self._part_counts: dict[str, int] = {}
-        self._held_out = False  # inside prediction_step: the loss parts go to the eval log, not the training log
         self._eval_parts: dict[str, torch.Tensor] = {}
         self._eval_counts: dict[str, int] = {}
 
@@ -74,7 +73,8 @@ class LyraTrainer(Trainer):
             loss = out.unit_loss * self.accelerator.unwrap_model(model).config.settings.speech_generator.loss_weight
         else:
             loss = out.loss
-        parts, counts = (self._eval_parts, self._eval_counts) if self._held_out else (self._parts, self._part_counts)
+        # the Trainer evaluates in eval mode: those parts go to the eval log, not the training log
+        parts, counts = (self._parts, self._part_counts) if model.training else (self._eval_parts, self._eval_counts)
         samples = len(inputs["input_ids"])  # weights as the Trainer's eval_loss (a mean over samples)
         for name, key in LOSS_PARTS.items():
             value = getattr(out, name)
@@ -103,12 +103,8 @@ class LyraTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """Evaluation: the stage's loss only (no logits are gathered); its parts are logged as eval_<part>."""
         inputs = self._prepare_inputs(inputs)
-        self._held_out = True
-        try:
-            with torch.no_grad(), self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs)
-        finally:
-            self._held_out = False
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -313,6 +309,15 @@ def _step_of(checkpoint: str | None) -> float:
     return float(Path(checkpoint).name.removeprefix("checkpoint-")) if checkpoint else float("nan")
 
 
+def _kept_measures(trainer: LyraTrainer, keep_best: bool) -> dict[str, float]:
+    """data.eval's measures of the model the run ends with: its logged evaluation (run.keep_best: the best
+    checkpoint's, else the last step's), or one more pass when that step was not evaluated."""
+    step = _step_of(trainer.state.best_model_checkpoint) if keep_best else trainer.state.global_step
+    logged = (h for h in reversed(trainer.state.log_history) if "eval_loss" in h and h.get("step") == step)
+    metrics = next(logged, None) or trainer.evaluate()
+    return {k: float(v) for k, v in metrics.items() if k == "eval_loss" or k.removeprefix("eval_") in LOSS_PARTS.values()}
+
+
 def last_checkpoint(output_dir: Path) -> str:
     """The `checkpoint-N/` folder a resumed run continues from; a clear error when there is none."""
     checkpoint = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
@@ -372,16 +377,14 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     with encoder_frames_given(model) if cache else contextlib.nullcontext():
         trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
-        final = trainer.evaluate() if held_out is not None else {}  # the model kept (run.keep_best: the best one)
+        final = _kept_measures(trainer, config.run.keep_best) if held_out is not None else {}
 
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         config.save(output_dir / TRAIN_CONFIG_FILE)
     result = TrainResult(output_dir=output_dir, stage=spec.number, global_step=trainer.state.global_step,
                          seconds=seconds, trainable=trainable, samples=len(dataset),
-                         log_history=list(trainer.state.log_history),
-                         held_out={k: float(v) for k, v in final.items() if k == "eval_loss" or k.removeprefix("eval_")
-                                   in LOSS_PARTS.values()})
+                         log_history=list(trainer.state.log_history), held_out=final)
     if config.run.keep_best:
         result.held_out["best_step"] = _step_of(trainer.state.best_model_checkpoint)
     if config.export.enabled and trainer.is_world_process_zero():
